@@ -1,0 +1,288 @@
+"""Frozen configuration dataclasses and named presets.
+
+Configs never hold arrays; they are turned into runtime objects by ``make_*`` functions
+(``eqdisp.make_model``, ``eqdisp.make_path``, ...). Every field carries an attribute docstring,
+which ``tyro`` shows in ``--help``. Each ``__post_init__`` validates its fields and raises
+``ConfigError`` with a one-line message naming the field, the bad value and what is allowed.
+"""
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+class ConfigError(ValueError):
+    """A configuration value is not allowed. The message is one line meant for the user."""
+
+
+def _check(ok: bool, field: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field}={value!r} is not allowed: expected {allowed}")
+
+
+def _check_choice(field: str, value: object, choices: tuple) -> None:
+    _check(value in choices, field, value, "one of " + ", ".join(repr(c) for c in choices))
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+
+ModelFamily = Literal["SiT", "DiT"]
+BlockImpl = Literal["unroll", "scan"]
+ComputeDtype = Literal["float32", "bfloat16"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a DiT/SiT transformer. ``name`` fixes depth, width, heads and patch."""
+
+    name: str = "SiT-B/2"
+    """Model name, ``{SiT,DiT}-{T,S,B,L,XL}/{2,4,8}`` (``T`` is a small CPU size, not in the papers)."""
+    input_size: int = 32
+    """Height and width of the input (a 32x32 SD-VAE latent for 256px ImageNet)."""
+    in_channels: int = 4
+    """Channels of the input (4 for SD-VAE latents)."""
+    num_classes: int = 1000
+    """Number of classes; the label ``num_classes`` is the null label used by classifier-free guidance."""
+    learn_sigma: bool = True
+    """Output twice ``in_channels`` as DiT/SiT do (SiT drops the second half; kept for weight compatibility)."""
+    class_dropout_prob: float = 0.1
+    """Probability of replacing a label by the null label during training (for CFG)."""
+    block_impl: BlockImpl = "unroll"
+    """Run the stacked blocks unrolled (measured ~15% faster on CPU) or under ``lax.scan`` (faster to compile on accelerators)."""
+    dtype: ComputeDtype = "float32"
+    """Compute dtype of the forward pass; parameters stay float32 (master weights)."""
+
+    def __post_init__(self):
+        _check(self.input_size > 0, "model.input_size", self.input_size, "a positive int")
+        _check(self.in_channels > 0, "model.in_channels", self.in_channels, "a positive int")
+        _check(self.num_classes > 0, "model.num_classes", self.num_classes, "a positive int")
+        _check(
+            0.0 <= self.class_dropout_prob < 1.0,
+            "model.class_dropout_prob",
+            self.class_dropout_prob,
+            "a probability in [0, 1)",
+        )
+        _check_choice("model.block_impl", self.block_impl, ("unroll", "scan"))
+        _check_choice("model.dtype", self.dtype, ("float32", "bfloat16"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Dispersive loss
+
+
+DispVariant = Literal["infonce_l2", "infonce_cosine", "hinge", "covariance", "none"]
+DISP_VARIANTS: tuple[str, ...] = ("infonce_l2", "infonce_cosine", "hinge", "covariance", "none")
+ContrastiveMode = Literal["off", "independent", "restricted"]
+
+
+@dataclass(frozen=True)
+class DispConfig:
+    """Dispersive Loss (Wang & He 2025): which variant, how strongly, on which blocks.
+
+    Defaults are the paper's (Table 8 and Sec. 4.1): InfoNCE with the squared L2 distance,
+    lambda 0.5, tau 0.5, one block at the first quarter of the depth, groups of 16 examples.
+    """
+
+    variant: DispVariant = "infonce_l2"
+    """Loss variant (paper Table 1); ``none`` is the baseline and costs nothing."""
+    weight: float = 0.5
+    """lambda, the weight of the dispersive term; 0 reduces exactly to the baseline."""
+    tau: float = 0.5
+    """Temperature of the InfoNCE variants."""
+    blocks: str = "quarter"
+    """Blocks whose outputs are regularised, 1-based: ``quarter`` (depth//4, the paper), ``last`` (the
+    public PyTorch code), ``all``, or a comma list such as ``3`` or ``3,6``. Several blocks average."""
+    group_size: int | None = 16
+    """Examples per group: the loss is computed on consecutive groups of the local batch and averaged
+    (paper: 16 per device; public PyTorch code: 32). ``None`` uses the whole local batch as one group."""
+    margin: float = 1.0
+    """epsilon of the hinge variant, on the squared L2 distance divided by the feature size D."""
+    offdiag_weight: float = 0.005
+    """w, the weight of the off-diagonal term of the contrastive covariance (Barlow Twins) loss."""
+    contrastive: ContrastiveMode = "off"
+    """Use the contrastive counterpart instead (paper Table 2): a second noised view of every example,
+    with ``independent`` noise level or one ``restricted`` to within ``contrastive_max_dt``."""
+    contrastive_max_dt: float = 0.005
+    """Largest difference of the two views' times in ``restricted`` mode (paper: 0.005)."""
+
+    def __post_init__(self):
+        _check_choice("disp.variant", self.variant, DISP_VARIANTS)
+        _check(self.weight >= 0.0, "disp.weight", self.weight, "a number >= 0")
+        _check(self.tau > 0.0, "disp.tau", self.tau, "a number > 0")
+        _check(
+            self.group_size is None or self.group_size >= 1,
+            "disp.group_size",
+            self.group_size,
+            "a positive int or None",
+        )
+        _check(self.margin > 0.0, "disp.margin", self.margin, "a number > 0")
+        _check(self.offdiag_weight >= 0.0, "disp.offdiag_weight", self.offdiag_weight, "a number >= 0")
+        _check_choice("disp.contrastive", self.contrastive, ("off", "independent", "restricted"))
+        _check(
+            self.contrastive == "off" or self.variant != "none",
+            "disp.contrastive",
+            self.contrastive,
+            "'off' when disp.variant is 'none'",
+        )
+        _check(
+            0.0 <= self.contrastive_max_dt <= 1.0,
+            "disp.contrastive_max_dt",
+            self.contrastive_max_dt,
+            "a number in [0, 1]",
+        )
+        _parse_blocks(self.blocks)  # syntax only; the range is checked against the depth later
+
+    @property
+    def active(self) -> bool:
+        """Whether the dispersive (or contrastive) term enters the loss at all."""
+        return self.variant != "none" and self.weight > 0.0
+
+    def block_indices(self, depth: int) -> tuple[int, ...]:
+        """The 0-based indices of the regularised blocks for a model of this ``depth``."""
+        return resolve_blocks(self.blocks, depth)
+
+
+def _parse_blocks(spec: str) -> tuple[str, ...] | tuple[int, ...]:
+    spec = str(spec).strip().lower()
+    if spec in ("quarter", "last", "all"):
+        return (spec,)
+    try:
+        indices = tuple(int(s) for s in spec.split(","))
+    except ValueError:
+        indices = ()
+    _check(
+        bool(indices) and all(i >= 1 for i in indices),
+        "disp.blocks",
+        spec,
+        "'quarter', 'last', 'all' or comma-separated 1-based block numbers such as '3' or '3,6'",
+    )
+    return indices
+
+
+def resolve_blocks(spec: str, depth: int) -> tuple[int, ...]:
+    """Turn a ``DispConfig.blocks`` string into sorted, unique 0-based block indices.
+
+    ``quarter`` is block ``depth // 4`` (1-based; block 3 of 12 for SiT-B/2, as in the paper),
+    ``last`` is block ``depth`` (the public PyTorch code), ``all`` every block.
+    """
+    parsed = _parse_blocks(spec)
+    if parsed == ("quarter",):
+        return (max(depth // 4, 1) - 1,)
+    if parsed == ("last",):
+        return (depth - 1,)
+    if parsed == ("all",):
+        return tuple(range(depth))
+    bad = [i for i in parsed if i > depth]
+    _check(not bad, "disp.blocks", spec, f"block numbers between 1 and the model depth {depth}")
+    return tuple(sorted({i - 1 for i in parsed}))
+
+
+DISP_PRESETS: dict[str, DispConfig] = {
+    "paper": DispConfig(),
+    "reference-pytorch": DispConfig(weight=0.25, tau=1.0, blocks="last", group_size=32),
+    "none": DispConfig(variant="none", weight=0.0),
+}
+"""Named dispersive settings: the paper (Table 8), the public PyTorch release, and the baseline."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Transport (SiT interpolants)
+
+
+PathType = Literal["Linear", "GVP", "VP"]
+Prediction = Literal["velocity", "noise", "score"]
+LossWeight = Literal["none", "velocity", "likelihood"]
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    """SiT's stochastic interpolant: ``x_t = alpha_t x1 + sigma_t x0`` with t=0 noise, t=1 data."""
+
+    path: PathType = "Linear"
+    """Interpolant: ``Linear`` (alpha=t, sigma=1-t), ``GVP`` (sin/cos) or ``VP`` (sigma_min 0.1, sigma_max 20)."""
+    prediction: Prediction = "velocity"
+    """What the network predicts."""
+    loss_weight: LossWeight = "none"
+    """Loss weighting for noise/score prediction (ignored for velocity, as in SiT)."""
+    train_eps: float | None = None
+    """Distance of the training time interval from the singular ends; None uses SiT's defaults."""
+    sample_eps: float | None = None
+    """Same for sampling; None uses SiT's defaults."""
+
+    def __post_init__(self):
+        _check_choice("transport.path", self.path, ("Linear", "GVP", "VP"))
+        _check_choice("transport.prediction", self.prediction, ("velocity", "noise", "score"))
+        _check_choice("transport.loss_weight", self.loss_weight, ("none", "velocity", "likelihood"))
+        for name in ("train_eps", "sample_eps"):
+            value = getattr(self, name)
+            _check(value is None or 0.0 <= value < 0.5, f"transport.{name}", value, "None or in [0, 0.5)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Samplers
+
+
+SamplerMode = Literal["ode", "sde"]
+OdeMethod = Literal["euler", "heun", "dopri5"]
+SdeMethod = Literal["euler", "heun"]
+DiffusionForm = Literal["constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing"]
+LastStep = Literal["none", "Mean", "Tweedie", "Euler"]
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How to draw samples. Defaults: the paper's ODE sampler (Heun, 250 steps, SiT step counting)."""
+
+    mode: SamplerMode = "ode"
+    """Probability-flow ODE or reverse SDE."""
+    ode_method: OdeMethod = "heun"
+    """ODE solver: fixed-grid ``euler``/``heun`` or adaptive ``dopri5``."""
+    sde_method: SdeMethod = "euler"
+    """SDE solver: Euler-Maruyama or stochastic Heun (SiT's)."""
+    steps: int = 250
+    """Grid points, counted as SiT does: N points give N-1 steps (Heun: 2(N-1) evaluations); for
+    ``dopri5`` the number of output times only. For the SDE, N-1 stochastic steps then the last step."""
+    atol: float = 1e-6
+    """Absolute tolerance of ``dopri5``."""
+    rtol: float = 1e-3
+    """Relative tolerance of ``dopri5``."""
+    diffusion_form: DiffusionForm = "sigma"
+    """SDE diffusion coefficient w(t) (SiT's ``--diffusion-form``)."""
+    diffusion_norm: float = 1.0
+    """Scale of w(t)."""
+    last_step: LastStep = "Mean"
+    """Final deterministic SDE step (SiT's ``--last-step``)."""
+    last_step_size: float = 0.04
+    """Size of the final SDE step."""
+    cfg_scale: float = 1.0
+    """Classifier-free guidance scale; 1 runs the conditional model only."""
+    cfg_channels: int | None = None
+    """Guide only the first N output channels (3 reproduces DiT/SiT exactly); None guides all (REPA)."""
+    cfg_interval: tuple[float, float] = (0.0, 1.0)
+    """Guide only for t in [low, high], in eqdisp's time (t=1 data); REPA's guidance-high 0.7 is (0.3, 1.0)."""
+
+    def __post_init__(self):
+        _check_choice("sampler.mode", self.mode, ("ode", "sde"))
+        _check_choice("sampler.ode_method", self.ode_method, ("euler", "heun", "dopri5"))
+        _check_choice("sampler.sde_method", self.sde_method, ("euler", "heun"))
+        _check(self.steps >= 2, "sampler.steps", self.steps, "an int >= 2 (grid points)")
+        _check_choice(
+            "sampler.diffusion_form",
+            self.diffusion_form,
+            ("constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing"),
+        )
+        _check_choice("sampler.last_step", self.last_step, ("none", "Mean", "Tweedie", "Euler"))
+        _check(
+            0.0 <= self.last_step_size < 1.0, "sampler.last_step_size", self.last_step_size, "in [0, 1)"
+        )
+        _check(self.cfg_scale >= 0.0, "sampler.cfg_scale", self.cfg_scale, "a number >= 0")
+        _check(
+            self.cfg_channels is None or self.cfg_channels >= 1,
+            "sampler.cfg_channels",
+            self.cfg_channels,
+            "None or a positive int",
+        )
+        low, high = self.cfg_interval
+        _check(0.0 <= low <= high <= 1.0, "sampler.cfg_interval", self.cfg_interval, "0 <= low <= high <= 1")
+
