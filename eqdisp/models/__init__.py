@@ -1,0 +1,42 @@
+"""Equinox networks of eqdisp: the DiT/SiT transformer (one backbone for both) and its pieces.
+
+Every model maps one example `(x, t, y)` to `(out, Taps)` with `forward_with_taps`; `__call__`
+returns `out` only. Batch with `jax.vmap`.
+"""
+
+# Import order matters once: `eqdisp.config` imports `parse_model_name` from this package while
+# it builds its presets, which happens when `_registry` imports the config; `_names` (which
+# imports no config) must therefore be imported before `_registry`.
+from ._base import AbstractDiffusionModel, Taps
+from ._embed import (
+    LabelEmbedder,
+    PatchEmbed,
+    TimestepEmbedder,
+    patchify,
+    sincos_pos_embed_2d,
+    timestep_embedding,
+    unpatchify,
+)
+from ._names import MODEL_SIZES, PATCH_SIZES, ModelSpec, parse_model_name
+from ._registry import make_model
+from ._transformer import DiffusionTransformer, FinalLayer, TransformerBlock
+
+__all__ = [
+    "MODEL_SIZES",
+    "PATCH_SIZES",
+    "AbstractDiffusionModel",
+    "DiffusionTransformer",
+    "FinalLayer",
+    "LabelEmbedder",
+    "ModelSpec",
+    "PatchEmbed",
+    "Taps",
+    "TimestepEmbedder",
+    "TransformerBlock",
+    "make_model",
+    "parse_model_name",
+    "patchify",
+    "sincos_pos_embed_2d",
+    "timestep_embedding",
+    "unpatchify",
+]

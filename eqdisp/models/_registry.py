@@ -1,0 +1,58 @@
+"""`make_model`: a model name or `ModelConfig` to an initialised transformer."""
+
+import dataclasses
+
+from jaxtyping import PRNGKeyArray
+
+from ..config import ModelConfig
+from ._names import parse_model_name
+from ._transformer import DiffusionTransformer
+
+
+def make_model(
+    name_or_config: str | ModelConfig, *, key: PRNGKeyArray, **overrides
+) -> DiffusionTransformer:
+    """Build a DiT/SiT transformer from a name or a `ModelConfig`.
+
+    **Arguments:**
+
+    - `name_or_config`: a model name (see `parse_model_name`) or a `ModelConfig`.
+    - `key`: a PRNG key for the initialisation.
+    - `**overrides`: `ModelConfig` fields to replace (`input_size`, `in_channels`, `num_classes`,
+        `learn_sigma`, `class_dropout_prob`, `block_impl`, `dtype`).
+
+    **Returns:** a `DiffusionTransformer` with float32 parameters.
+
+    **Raises:** `ValueError` (or its subclass `ConfigError`) for a bad name, an unknown override or
+    a value the config or the architecture does not allow.
+    """
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(
+            f"unknown model override(s) {', '.join(unknown)}: expected ModelConfig fields "
+            + ", ".join(sorted(fields))
+        )
+    if isinstance(name_or_config, ModelConfig):
+        config = dataclasses.replace(name_or_config, **overrides)
+    else:
+        config = ModelConfig(name=name_or_config, **overrides)
+    spec = parse_model_name(config.name)
+    return DiffusionTransformer(
+        input_size=config.input_size,
+        in_channels=config.in_channels,
+        patch_size=spec.patch_size,
+        dim=spec.dim,
+        depth=spec.depth,
+        num_heads=spec.num_heads,
+        num_classes=config.num_classes,
+        learn_sigma=config.learn_sigma,
+        class_dropout_prob=config.class_dropout_prob,
+        family=spec.family,
+        block_impl=config.block_impl,
+        dtype=config.dtype,
+        key=key,
+    )
+
+
+__all__ = ["make_model"]

@@ -1,0 +1,133 @@
+"""The training objective: SiT's regression loss plus lambda times the Dispersive Loss (paper Eq. 1).
+
+``L = mean_i L_diff(x_i) + lambda * mean_b L_disp({z_i^b})`` where ``z^b`` is the output of block b of
+the model on the noised batch (``Taps.blocks``). With ``disp.variant == "none"`` or
+``disp.weight == 0`` the taps are never read, so the traced program is *the* baseline program: same
+numbers, same speed (XLA removes the unused taps).
+
+The contrastive counterparts of paper Table 2 run a second noised view of every example through
+the model and replace the dispersive term by ``contrastive_loss(z, z_pos)``; as in the paper, only
+the first view receives the diffusion loss.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from .config import DispConfig
+from .dispersive import contrastive_loss, dispersive_loss
+from .transport import Transport
+
+
+def regularizer(
+    blocks: Float[Array, "batch n_blocks tokens dim"],
+    disp: DispConfig,
+    blocks_pos: Float[Array, "batch n_blocks tokens dim"] | None = None,
+) -> Float[Array, ""]:
+    """The dispersive (or, given ``blocks_pos``, contrastive) term, averaged over the tapped blocks.
+
+    **Arguments:**
+
+    - `blocks`: the regularised block outputs of the whole local batch.
+    - `disp`: the dispersive-loss configuration.
+    - `blocks_pos`: the same blocks for the second (positive) view, for the contrastive variants.
+
+    **Returns:**
+
+    The unweighted regulariser, a float32 scalar.
+    """
+    losses = []
+    for b in range(blocks.shape[1]):
+        if blocks_pos is None:
+            losses.append(
+                dispersive_loss(
+                    blocks[:, b],
+                    disp.variant,
+                    tau=disp.tau,
+                    group_size=disp.group_size,
+                    margin=disp.margin,
+                )
+            )
+        else:
+            losses.append(
+                contrastive_loss(
+                    blocks[:, b],
+                    blocks_pos[:, b],
+                    disp.variant,
+                    tau=disp.tau,
+                    group_size=disp.group_size,
+                    margin=disp.margin,
+                    offdiag_weight=disp.offdiag_weight,
+                )
+            )
+    return jnp.mean(jnp.stack(losses))
+
+
+def _second_view_time(
+    key: PRNGKeyArray, t: Float[Array, " batch"], disp: DispConfig, interval: tuple[float, float]
+) -> Float[Array, " batch"]:
+    t0, t1 = interval
+    if disp.contrastive == "independent":
+        return jr.uniform(key, t.shape, minval=t0, maxval=t1)
+    # "restricted": the second view's noise level differs by at most contrastive_max_dt (Sec. 4.2).
+    delta = jr.uniform(key, t.shape, minval=-disp.contrastive_max_dt, maxval=disp.contrastive_max_dt)
+    return jnp.clip(t + delta, t0, t1)
+
+
+def diffusion_loss(
+    model: eqx.Module,
+    x1: Float[Array, "batch c h w"],
+    y: Int[Array, " batch"],
+    *,
+    key: PRNGKeyArray,
+    transport: Transport,
+    disp: DispConfig,
+) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
+    """SiT training loss with the Dispersive Loss on the configured blocks.
+
+    **Arguments:**
+
+    - `model`: an eqdisp model with ``forward_with_taps(x, t, y, *, key)`` on one example.
+    - `x1`: a batch of data (images or latents); eqdisp's time convention is in ``eqdisp.transport``.
+    - `y`: class labels.
+    - `key`: randomness for the noise, the times and label dropout.
+    - `transport`: the interpolant, prediction type and time interval.
+    - `disp`: the dispersive-loss configuration.
+
+    **Returns:**
+
+    ``(loss, metrics)`` with ``metrics = {"loss_diff": ..., "loss_disp": ...}``; ``loss_disp`` is the
+    unweighted regulariser (0 for the baseline).
+    """
+    batch = x1.shape[0]
+    key_noise, key_time, key_drop, key_view = jr.split(key, 4)
+    x0 = jr.normal(key_noise, x1.shape, x1.dtype)
+    t = transport.sample_train_time(key_time, (batch,))
+    drop_keys = jr.split(key_drop, batch)
+
+    def forward(x0_i, x1_i, t_i, y_i, key_i):
+        x_t, _ = transport.interpolate(x0_i, x1_i, t_i)
+        out, taps = model.forward_with_taps(x_t, t_i, y_i, key=key_i)
+        return transport.loss(out, x0_i, x1_i, t_i), taps
+
+    per_example, taps = jax.vmap(forward)(x0, x1, t, y, drop_keys)
+    loss_diff = jnp.mean(per_example)
+    if not disp.active:
+        return loss_diff, {"loss_diff": loss_diff, "loss_disp": jnp.zeros((), jnp.float32)}
+
+    # Static slices, so XLA only keeps the tapped blocks alive.
+    indices = disp.block_indices(model.depth)
+    blocks = jnp.stack([taps.blocks[:, i] for i in indices], axis=1)
+    if disp.contrastive == "off":
+        loss_disp = regularizer(blocks, disp)
+    else:
+        key_noise2, key_time2 = jr.split(key_view)
+        x0_pos = jr.normal(key_noise2, x1.shape, x1.dtype)
+        t_pos = _second_view_time(key_time2, t, disp, transport.train_interval)
+        _, taps_pos = jax.vmap(forward)(x0_pos, x1, t_pos, y, drop_keys)
+        blocks_pos = jnp.stack([taps_pos.blocks[:, i] for i in indices], axis=1)
+        loss_disp = regularizer(blocks, disp, blocks_pos)
+    loss = loss_diff + disp.weight * loss_disp
+    return loss, {"loss_diff": loss_diff, "loss_disp": loss_disp}
