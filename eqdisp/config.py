@@ -412,7 +412,7 @@ _TINY = ExperimentConfig(
     disp=DispConfig(group_size=16),
     optim=OptimConfig(lr=1e-3, ema_decay=0.995),
     sampler=SamplerConfig(steps=50),
-    train=RunConfig(steps=600, batch_size=64, out="runs/sit-tiny", log_every=50, sample_count=100),
+    train=RunConfig(steps=3000, batch_size=64, out="runs/sit-tiny", log_every=100, sample_count=100),
 )
 
 PRESETS: dict[str, tuple[str, ExperimentConfig]] = {
