@@ -4,19 +4,21 @@ import sys
 
 import tyro
 
-from eqdisp.config import PRESETS, ConfigError
+from eqdisp.config import PRESETS
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = tyro.extras.overridable_config_cli(PRESETS, args=argv)
+    cfg = tyro.extras.overridable_config_cli(PRESETS, prog="python -m cli.train", args=argv)
     from eqdisp.train import train
 
     summary = train(cfg)
-    print("wrote", ", ".join(f"{k}: {v}" for k, v in summary.items()))
+    print("\n".join(f"{key:>18}: {value}" for key, value in summary.items()))
 
 
 if __name__ == "__main__":
+    from eqdisp.errors import USER_ERRORS
+
     try:
         main()
-    except ConfigError as error:
+    except USER_ERRORS as error:  # bad input: one line, no traceback
         sys.exit(f"error: {error}")

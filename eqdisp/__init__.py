@@ -7,7 +7,8 @@ The public API is re-exported here; the modules behind it are:
 - ``eqdisp.transport``: SiT's interpolants and training loss (the time convention is documented there).
 - ``eqdisp.samplers``: ODE/SDE samplers and classifier-free guidance.
 - ``eqdisp.objective``: the training loss, diffusion + lambda x dispersive.
-- ``eqdisp.train``: the train state, the compiled step and the loop.
+- ``eqdisp.train``: the train state, the compiled step, Orbax checkpoints and the loop.
+- ``eqdisp.data``, ``eqdisp.sharding``: Grain pipelines; device meshes and shardings.
 - ``eqdisp.config``: frozen configuration dataclasses and named presets.
 """
 
@@ -24,6 +25,7 @@ from .config import (
     SamplerConfig as SamplerConfig,
     TransportConfig as TransportConfig,
 )
+from .data import DataError as DataError, make_dataset as make_dataset
 from .dispersive import (
     VARIANTS as VARIANTS,
     contrastive_loss as contrastive_loss,
@@ -46,6 +48,11 @@ from .samplers import (
     solve_ode as solve_ode,
 )
 from .train import (
+    Checkpoint as Checkpoint,
+    CheckpointError as CheckpointError,
+    load_checkpoint as load_checkpoint,
+    TrainingError as TrainingError,
+    train as train,
     TrainState as TrainState,
     init_train_state as init_train_state,
     make_optimizer as make_optimizer,

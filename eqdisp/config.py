@@ -10,8 +10,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 
-class ConfigError(ValueError):
-    """A configuration value is not allowed. The message is one line meant for the user."""
+class ConfigError(Exception):
+    """A configuration value is not allowed. The message is one line meant for the user.
+
+    Deliberately not a ``ValueError``: tyro wraps those in a multi-line box while parsing, and the
+    command-line tools print a ``ConfigError`` as one line.
+    """
 
 
 def _check(ok: bool, field: str, value: object, allowed: str) -> None:
@@ -331,18 +335,30 @@ class OptimConfig:
 # Data, the run, and the whole experiment
 
 
-DataSource = Literal["digits"]
+DataSource = Literal["digits", "folder", "latents", "synthetic"]
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where training examples come from."""
+    """Where training examples come from (read with Grain, deterministic, resumable)."""
 
     source: DataSource = "digits"
-    """``digits``: scikit-learn's 1,797 8x8 handwritten digits, bundled with the package (no download)."""
+    """``digits``: scikit-learn's 1,797 8x8 handwritten digits, bundled (no download); ``folder``: an
+    ImageNet-layout image folder (``path/<class>/<image>``); ``latents``: precomputed SD-VAE latent shards;
+    ``synthetic``: Gaussian inputs of the model's shape with uniform labels (smoke tests, benchmarks)."""
+    path: str | None = None
+    """Directory of a ``folder`` or ``latents`` source."""
+    image_size: int = 256
+    """Side of the ADM centre crop of ``folder`` images."""
+    flip: bool = True
+    """Random horizontal flips (DiT/SiT: yes; REPA: no)."""
+    workers: int = 0
+    """Grain worker processes (0 reads in the training process; keep it fixed across a resume)."""
 
     def __post_init__(self):
-        _check_choice("data.source", self.source, ("digits",))
+        _check_choice("data.source", self.source, ("digits", "folder", "latents", "synthetic"))
+        _check(self.image_size > 0, "data.image_size", self.image_size, "a positive int")
+        _check(self.workers >= 0, "data.workers", self.workers, "an int >= 0")
 
 
 @dataclass(frozen=True)
@@ -360,13 +376,26 @@ class RunConfig:
     log_every: int = 100
     """Print and record metrics every this many steps."""
     sample_count: int = 64
-    """Images in the sample grid written at the end of the run."""
+    """Images in the sample grids (from the EMA model) written during and at the end of the run."""
+    sample_every: int = 0
+    """Write a sample grid every this many steps (0: only at the end)."""
+    checkpoint_every: int = 1000
+    """Write a checkpoint every this many steps (and at the end, and on SIGTERM/SIGINT)."""
+    keep: int = 3
+    """Checkpoints kept (the newest)."""
+    fsdp: int = 1
+    """Devices along the mesh's ``fsdp`` axis (parameters and optimizer state sharded over it); the
+    other devices form the ``data`` axis. 1 is pure data parallelism."""
 
     def __post_init__(self):
         _check(self.steps >= 0, "train.steps", self.steps, "an int >= 0")
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "a positive int")
         _check(self.log_every >= 1, "train.log_every", self.log_every, "a positive int")
         _check(self.sample_count >= 0, "train.sample_count", self.sample_count, "an int >= 0")
+        _check(self.sample_every >= 0, "train.sample_every", self.sample_every, "an int >= 0")
+        _check(self.checkpoint_every >= 1, "train.checkpoint_every", self.checkpoint_every, "a positive int")
+        _check(self.keep >= 1, "train.keep", self.keep, "a positive int")
+        _check(self.fsdp >= 1, "train.fsdp", self.fsdp, "a positive int")
 
 
 @dataclass(frozen=True)
@@ -401,6 +430,7 @@ def _paper(name: str) -> ExperimentConfig:
     family, size = name.split("-")
     return ExperimentConfig(
         model=ModelConfig(name=name),
+        data=DataConfig(source="latents"),
         train=RunConfig(out=f"runs/{family.lower()}-{size.replace('/', '').lower()}"),
     )
 

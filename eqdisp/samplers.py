@@ -283,7 +283,7 @@ def integrate_sde(
     The final state, shaped like `x0`.
 
     The drift ``f = v + w s`` uses one network evaluation (SiT evaluates it twice). Raises
-    ``ConfigError`` (a ``ValueError``) if ``w`` is not finite where it is used (``SBDM`` at
+    ``ConfigError`` if ``w`` is not finite where it is used (``SBDM`` at
     ``t = 0``).
     """
     _check_sde_args(method, last_step, t0, t1, last_step_size)

@@ -317,11 +317,11 @@ def test_diffusion_forms():
 
 
 def test_sbdm_singular_raises_one_line(getkey):
-    from eqdisp.config import SamplerConfig, TransportConfig
+    from eqdisp.config import ConfigError, SamplerConfig, TransportConfig
 
     x = jax.random.normal(getkey(), (2, 4, 1, 1))
     config = SamplerConfig(mode="sde", diffusion_form="SBDM", steps=10)
-    with pytest.raises(ValueError, match="SBDM") as info:
+    with pytest.raises(ConfigError, match="SBDM") as info:
         _sample(_gaussian_model(), x, config)
     assert "\n" not in str(info.value)
     # With an explicit sample_eps the SDE starts away from the singularity and works.
@@ -330,12 +330,12 @@ def test_sbdm_singular_raises_one_line(getkey):
 
 
 def test_score_singular_at_t1_raises(getkey):
-    from eqdisp.config import SamplerConfig
+    from eqdisp.config import ConfigError, SamplerConfig
 
     # Velocity/Linear without a last step ends at t = 1, where the score is 0/0; Heun evaluates it there.
     x = jax.random.normal(getkey(), (2, 4, 1, 1))
     config = SamplerConfig(mode="sde", sde_method="heun", last_step="none", steps=10)
-    with pytest.raises(ValueError, match="singular at t=1.0"):
+    with pytest.raises(ConfigError, match="singular at t=1.0"):
         _sample(_gaussian_model(), x, config)
     # Euler-Maruyama never evaluates t1 without a last step.
     out = _sample(_gaussian_model(), x, SamplerConfig(mode="sde", last_step="none", steps=10))

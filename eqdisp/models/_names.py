@@ -7,6 +7,8 @@ it builds its presets, so the name decoding must be importable before `ModelConf
 import re
 from typing import Literal, NamedTuple
 
+from ..config import ConfigError
+
 MODEL_SIZES: dict[str, tuple[int, int, int]] = {
     "T": (6, 192, 3),  # a small CPU size for tests and demos; not in the papers
     "S": (12, 384, 6),
@@ -45,7 +47,7 @@ def parse_model_name(name: str) -> ModelSpec:
     """
     match = _NAME_RE.match(name) if isinstance(name, str) else None
     if match is None:
-        raise ValueError(f"model name {name!r} is not allowed: expected {_NAME_PATTERN}, e.g. 'SiT-B/2'")
+        raise ConfigError(f"model.name={name!r} is not allowed: expected {_NAME_PATTERN}, e.g. 'SiT-B/2'")
     family, size, patch = match.groups()
     depth, dim, num_heads = MODEL_SIZES[size]
     return ModelSpec(family or "SiT", depth, dim, num_heads, int(patch))

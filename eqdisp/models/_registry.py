@@ -23,8 +23,8 @@ def make_model(
 
     **Returns:** a `DiffusionTransformer` with float32 parameters.
 
-    **Raises:** `ValueError` (or its subclass `ConfigError`) for a bad name, an unknown override or
-    a value the config or the architecture does not allow.
+    **Raises:** `ConfigError` for a bad name or a value the config does not allow; `ValueError`
+    for an unknown override or an architecture that does not fit (e.g. `dim % heads != 0`).
     """
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(overrides) - fields)

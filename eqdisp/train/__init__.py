@@ -1,6 +1,29 @@
-"""Training: the train state, the compiled step and the loop."""
+"""Training: the train state, the compiled step, checkpoints, and the loop."""
 
-from ._loop import train
+from ._checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    Checkpointer,
+    abstract_train_state,
+    config_from_dict,
+    config_to_dict,
+    load_checkpoint,
+)
+from ._loop import TrainingError, train
 from ._step import TrainState, init_train_state, make_optimizer, make_train_step
 
-__all__ = ["TrainState", "init_train_state", "make_optimizer", "make_train_step", "train"]
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "Checkpointer",
+    "TrainState",
+    "TrainingError",
+    "abstract_train_state",
+    "config_from_dict",
+    "config_to_dict",
+    "init_train_state",
+    "load_checkpoint",
+    "make_optimizer",
+    "make_train_step",
+    "train",
+]

@@ -1,0 +1,9 @@
+"""The errors that mean "bad input", which command-line tools print as one line without a traceback."""
+
+from .config import ConfigError
+from .data import DataError
+from .train import CheckpointError, TrainingError
+
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, CheckpointError, TrainingError)
+
+__all__ = ["USER_ERRORS", "CheckpointError", "ConfigError", "DataError", "TrainingError"]
