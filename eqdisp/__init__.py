@@ -14,56 +14,125 @@ The public API is re-exported here; the modules behind it are:
 
 from .config import (
     DISP_PRESETS as DISP_PRESETS,
+)
+from .config import (
     PRESETS as PRESETS,
+)
+from .config import (
     ConfigError as ConfigError,
+)
+from .config import (
     DataConfig as DataConfig,
+)
+from .config import (
     DispConfig as DispConfig,
+)
+from .config import (
     ExperimentConfig as ExperimentConfig,
+)
+from .config import (
     ModelConfig as ModelConfig,
+)
+from .config import (
     OptimConfig as OptimConfig,
+)
+from .config import (
     RunConfig as RunConfig,
+)
+from .config import (
     SamplerConfig as SamplerConfig,
+)
+from .config import (
     TransportConfig as TransportConfig,
 )
-from .data import DataError as DataError, make_dataset as make_dataset
+from .data import DataError as DataError
+from .data import make_dataset as make_dataset
 from .dispersive import (
     VARIANTS as VARIANTS,
+)
+from .dispersive import (
     contrastive_loss as contrastive_loss,
+)
+from .dispersive import (
     dispersive_loss as dispersive_loss,
+)
+from .dispersive import (
     pairwise_sq_dists as pairwise_sq_dists,
 )
 from .models import (
     AbstractDiffusionModel as AbstractDiffusionModel,
+)
+from .models import (
     DiffusionTransformer as DiffusionTransformer,
+)
+from .models import (
     Taps as Taps,
+)
+from .models import (
     make_model as make_model,
+)
+from .models import (
     parse_model_name as parse_model_name,
 )
 from .objective import diffusion_loss as diffusion_loss
 from .samplers import (
     cfg_velocity as cfg_velocity,
+)
+from .samplers import (
     integrate_ode as integrate_ode,
+)
+from .samplers import (
     integrate_sde as integrate_sde,
+)
+from .samplers import (
     sample as sample,
+)
+from .samplers import (
     solve_ode as solve_ode,
 )
 from .train import (
     Checkpoint as Checkpoint,
+)
+from .train import (
     CheckpointError as CheckpointError,
-    load_checkpoint as load_checkpoint,
+)
+from .train import (
     TrainingError as TrainingError,
-    train as train,
+)
+from .train import (
     TrainState as TrainState,
+)
+from .train import (
     init_train_state as init_train_state,
+)
+from .train import (
+    load_checkpoint as load_checkpoint,
+)
+from .train import (
     make_optimizer as make_optimizer,
+)
+from .train import (
     make_train_step as make_train_step,
+)
+from .train import (
+    train as train,
 )
 from .transport import (
     GVPPath as GVPPath,
+)
+from .transport import (
     LinearPath as LinearPath,
+)
+from .transport import (
     Transport as Transport,
+)
+from .transport import (
     VPPath as VPPath,
+)
+from .transport import (
     make_path as make_path,
+)
+from .transport import (
     make_transport as make_transport,
 )
 

@@ -95,11 +95,11 @@ class DispConfig:
     tau: float = 0.5
     """Temperature of the InfoNCE variants."""
     blocks: str = "quarter"
-    """Blocks whose outputs are regularised, 1-based: ``quarter`` (depth//4, the paper), ``last`` (the
-    public PyTorch code), ``all``, or a comma list such as ``3`` or ``3,6``. Several blocks average."""
+    """Blocks whose outputs are regularised, 1-based: ``quarter`` (depth//4, the paper), ``last`` (the public PyTorch code), ``all``, or a list such as ``3`` or ``3,6``; several blocks average."""
     group_size: int | None = 16
-    """Examples per group: the loss is computed on consecutive groups of the local batch and averaged
-    (paper: 16 per device; public PyTorch code: 32). ``None`` uses the whole local batch as one group."""
+    """Examples per group: the loss is computed on consecutive groups of the batch and averaged (paper:
+    16 per device; public PyTorch code: 32). When it divides the per-device batch every group lives
+    on one device, as in the paper, and results do not depend on the device count. ``None``: one group."""
     margin: float = 1.0
     """epsilon of the hinge variant, on the squared L2 distance divided by the feature size D."""
     offdiag_weight: float = 0.005

@@ -11,7 +11,6 @@ from eqdisp.config import (
     ConfigError,
     DispConfig,
     ExperimentConfig,
-    ModelConfig,
     OptimConfig,
     RunConfig,
     SamplerConfig,

@@ -2,8 +2,8 @@
 
 from ._checkpoint import (
     Checkpoint,
-    CheckpointError,
     Checkpointer,
+    CheckpointError,
     abstract_train_state,
     config_from_dict,
     config_to_dict,

@@ -1,0 +1,90 @@
+"""Benchmarks that print figures: ``python -m cli.bench step SiT-S/2 --batch 32``, ``disp``, ``sample``."""
+
+import dataclasses
+import json
+import pathlib
+import sys
+from typing import Literal
+
+import tyro
+
+from eqdisp.config import DispConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """Train step: compile time, median step time, images/s, GFLOP/s, MFU and memory."""
+
+    model: tyro.conf.Positional[str]
+    """Model name, e.g. SiT-S/2 (32x32x4 latents, 1000 classes)."""
+    batch: int = 32
+    disp: DispConfig = DispConfig()
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    block_impl: Literal["scan", "unroll"] = "scan"
+    steps: int = 5
+    """Timed steps (after 2 warm-up steps)."""
+    json: pathlib.Path | None = None
+    """Also write the figures to this JSON file."""
+
+    def run(self) -> dict:
+        from eqdisp.bench import bench_step
+
+        return bench_step(
+            self.model, self.batch, disp=self.disp, dtype=self.dtype, block_impl=self.block_impl,
+            steps=self.steps,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Disp:
+    """The same train step with the dispersive term on and off, interleaved: time ratio on/off."""
+
+    model: tyro.conf.Positional[str]
+    batch: int = 32
+    disp: DispConfig = DispConfig()
+    rounds: int = 5
+    json: pathlib.Path | None = None
+
+    def run(self) -> dict:
+        from eqdisp.bench import bench_disp
+
+        return bench_disp(self.model, self.batch, disp=self.disp, rounds=self.rounds)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """ODE sampling: milliseconds per network evaluation and images/s."""
+
+    model: tyro.conf.Positional[str]
+    batch: int = 16
+    steps: int = 250
+    """Grid points, SiT's counting (Heun: 2(steps-1) evaluations)."""
+    method: Literal["heun", "euler"] = "heun"
+    evals: int = 0
+    """If > 0, time only this many grid points and extrapolate to ``steps``."""
+    json: pathlib.Path | None = None
+
+    def run(self) -> dict:
+        from eqdisp.bench import bench_sample
+
+        return bench_sample(self.model, self.batch, steps=self.steps, method=self.method, evals=self.evals)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    command = tyro.extras.subcommand_cli_from_dict(
+        {"step": Step, "disp": Disp, "sample": Sample}, prog="python -m cli.bench", args=argv
+    )
+    figures = command.run()
+    print(json.dumps(figures, indent=2))
+    if command.json is not None:
+        command.json.write_text(json.dumps(figures, indent=2))
+    return figures
+
+
+if __name__ == "__main__":
+    from eqdisp.errors import USER_ERRORS
+
+    try:
+        main()
+    except USER_ERRORS as error:
+        sys.exit(f"error: {error}")

@@ -1,0 +1,201 @@
+"""Benchmarks that print figures (never assert): train-step speed and MFU, dispersive overhead, sampling.
+
+MFU is measured against a matmul peak timed in the same process (a 2048x2048 float32 matmul), so a
+noisy machine moves both numbers together. Model FLOPs are counted by XLA from the compiled step
+(``cost_analysis``, for unrolled blocks only: XLA counts a scan body once) and analytically (3x the
+forward's matmul FLOPs, the convention of the PyTorch reference figures); GFLOP/s and MFU use the
+analytic count.
+"""
+
+import resource
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+
+from .config import ConfigError, DispConfig, OptimConfig, SamplerConfig, TransportConfig
+from .models import make_model, parse_model_name
+from .samplers import sample
+from .train import init_train_state, make_optimizer, make_train_step
+from .transport import make_transport
+
+
+def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
+    """Median GFLOP/s of a ``size x size`` float32 matmul on the default device."""
+    a = jr.normal(jr.key(0), (size, size), jnp.float32)
+    b = jr.normal(jr.key(1), (size, size), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def analytic_flops_per_image(name: str, input_size: int = 32, in_channels: int = 4) -> float:
+    """Training FLOPs per image: 3x the forward's matmul FLOPs (forward + 2x for the backward)."""
+    spec = parse_model_name(name)
+    tokens = (input_size // spec.patch_size) ** 2
+    dim = spec.dim
+    per_block = 2 * tokens * dim * (3 * dim + dim + 8 * dim)  # qkv, proj, MLP (4x, two layers)
+    per_block += 2 * 2 * tokens * tokens * dim  # q k^T and attention x v
+    per_block += 2 * dim * 6 * dim  # adaLN modulation
+    embed = 2 * tokens * in_channels * spec.patch_size**2 * dim
+    final = 2 * tokens * dim * spec.patch_size**2 * 2 * in_channels + 2 * dim * 2 * dim
+    return 3.0 * (spec.depth * per_block + embed + final)
+
+
+def _timed(fn: Callable[[], object], steps: int) -> list[float]:
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _setup(name: str, batch: int, disp: DispConfig, dtype: str, block_impl: str):
+    if disp.active and disp.group_size is not None and batch % disp.group_size:
+        raise ConfigError(
+            f"disp.group_size={disp.group_size} is not allowed: expected a divisor of --batch {batch}"
+        )
+    key_model, key_state, key_x = jr.split(jr.key(0), 3)
+    model = make_model(name, key=key_model, dtype=dtype, block_impl=block_impl)
+    optimizer = make_optimizer(OptimConfig())
+    state = init_train_state(model, optimizer, key=key_state)
+    step = make_train_step(optimizer, make_transport(TransportConfig()), disp, ema_decay=0.9999)
+    x = jr.normal(key_x, (batch, 4, 32, 32), jnp.float32)
+    y = jnp.arange(batch, dtype=jnp.int32) % 1000
+    return state, step, x, y
+
+
+def bench_step(
+    name: str,
+    batch: int,
+    *,
+    disp: DispConfig = DispConfig(),
+    dtype: str = "float32",
+    block_impl: str = "scan",
+    steps: int = 5,
+    warmup: int = 2,
+) -> dict:
+    """Compile time, median step time, images/s, FLOPs, GFLOP/s, MFU and memory of one train step."""
+    peak = matmul_peak()
+    state, step, x, y = _setup(name, batch, disp, dtype, block_impl)
+    start = time.perf_counter()
+    with warnings.catch_warnings():  # the batch is donated too; no output can reuse it
+        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+        compiled = step.lower(state, x, y).compile().compiled  # equinox wraps jax's Compiled
+    compile_s = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    memory = compiled.memory_analysis()
+
+    holder = {"state": state}
+
+    def run():
+        # Fresh copies each step: the step donates its inputs.
+        holder["state"], metrics = step(holder["state"], x + 0.0, y + 0)
+        return metrics
+
+    _timed(run, warmup)
+    times = _timed(run, steps)
+    step_s = statistics.median(times)
+    flops_xla = float(cost.get("flops", 0.0)) / batch if cost else float("nan")
+    flops_analytic = analytic_flops_per_image(name)
+    achieved = flops_analytic * batch / step_s / 1e9
+    gib = 2.0**30
+    return {
+        "model": name,
+        "batch": batch,
+        "variant": disp.variant if disp.active else "none",
+        "dtype": dtype,
+        "block_impl": block_impl,
+        "compile_s": round(compile_s, 2),
+        "step_s_median": round(step_s, 4),
+        "step_s_min": round(min(times), 4),
+        "step_s_max": round(max(times), 4),
+        "images_per_s": round(batch / step_s, 3),
+        "gflop_per_image_analytic": round(flops_analytic / 1e9, 2),
+        # XLA counts a while loop's body once, so its count is only meaningful for unrolled blocks.
+        "gflop_per_image_xla": round(flops_xla / 1e9, 2) if block_impl == "unroll" else None,
+        "achieved_gflop_s": round(achieved, 1),
+        "matmul_peak_gflop_s": round(peak, 1),
+        "mfu": round(achieved / peak, 3),
+        "memory_gib": {
+            "arguments": round(memory.argument_size_in_bytes / gib, 3),
+            "outputs": round(memory.output_size_in_bytes / gib, 3),
+            "temporaries": round(memory.temp_size_in_bytes / gib, 3),
+            "process_peak_rss": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+        },
+    }
+
+
+def bench_disp(name: str, batch: int, *, disp: DispConfig = DispConfig(), rounds: int = 5) -> dict:
+    """The same step with the dispersive term on and off, interleaved; the time ratio on / off."""
+    runs = {}
+    for label, config in (("off", DispConfig(variant="none")), ("on", disp)):
+        state, step, x, y = _setup(name, batch, config, "float32", "scan")
+        holder = {"state": state}
+
+        def run(step=step, holder=holder, x=x, y=y):
+            holder["state"], metrics = step(holder["state"], x + 0.0, y + 0)
+            return metrics
+
+        _timed(run, 2)
+        runs[label] = run
+    ratios = []
+    for _ in range(rounds):
+        off = _timed(runs["off"], 1)[0]
+        on = _timed(runs["on"], 1)[0]
+        ratios.append(on / off)
+    return {
+        "model": name,
+        "batch": batch,
+        "variant": disp.variant,
+        "blocks": disp.blocks,
+        "ratio_on_off_min": round(min(ratios), 4),
+        "ratio_on_off_median": round(statistics.median(ratios), 4),
+        "ratio_on_off_max": round(max(ratios), 4),
+    }
+
+
+def bench_sample(name: str, batch: int, *, steps: int = 250, method: str = "heun", evals: int = 0) -> dict:
+    """Milliseconds per network evaluation and images/s of the ODE sampler.
+
+    With ``evals > 0`` only that many grid points are integrated and the full ``steps`` run is
+    extrapolated (the cost per evaluation does not depend on the position on the grid).
+    """
+    model = make_model(name, key=jr.key(0))
+    transport = make_transport(TransportConfig())
+    grid = evals if evals else steps
+    config = SamplerConfig(ode_method=method, steps=grid)
+    x = jr.normal(jr.key(1), (batch, 4, 32, 32), jnp.float32)
+    y = jnp.arange(batch, dtype=jnp.int32) % 1000
+    run = eqx.filter_jit(lambda m, x: sample(m, x, y, key=jr.key(2), transport=transport, config=config))
+    start = time.perf_counter()
+    jax.block_until_ready(run(model, x))
+    first_s = time.perf_counter() - start
+    seconds = statistics.median(_timed(lambda: run(model, x), 3))
+    per_step = {"euler": 1, "heun": 2}[method]
+    nfe = per_step * (grid - 1)
+    ms_per_nfe = 1000 * seconds / nfe
+    full_nfe = per_step * (steps - 1)
+    return {
+        "model": name,
+        "batch": batch,
+        "method": method,
+        "steps": steps,
+        "nfe": full_nfe,
+        "measured_grid_points": grid,
+        "first_call_s": round(first_s, 2),
+        "ms_per_nfe": round(ms_per_nfe, 2),
+        "images_per_s": round(batch / (ms_per_nfe * full_nfe / 1000), 4),
+    }
