@@ -357,37 +357,34 @@ def collect(
     if probes:
         check_probe_labels(np.asarray(inputs.y), options.folds)
 
+    labels = np.asarray(inputs.y)
     per_t: list[dict] = []
-    pooled_t: list[np.ndarray] = []
     for t in options.t:
         tt = jnp.asarray(t, jnp.float32)
-        zs = [
-            _forward_blocks(model, transport, x0[i : i + bs], x1[i : i + bs], y[i : i + bs], tt, index)
-            for i in range(0, n + pad, bs)
-        ]
-        z = jnp.concatenate(zs)[:n]
-        per_t.append(
-            jax.device_get(_reduce(z, spectra=spectra, tau=options.tau, group_size=options.group_size))
+        z = jnp.concatenate(
+            [
+                _forward_blocks(model, transport, x0[i : i + bs], x1[i : i + bs], y[i : i + bs], tt, index)
+                for i in range(0, n + pad, bs)
+            ]
+        )[:n]
+        reduced = jax.device_get(
+            _reduce(z, spectra=spectra, tau=options.tau, group_size=options.group_size)
         )
         if probes:
-            pooled_t.append(np.asarray(jnp.mean(z, axis=2)))  # (n, k, dim): mean over tokens
-        del z, zs
+            pooled = np.asarray(jnp.mean(z, axis=2))  # (n, blocks, dim): mean over tokens
+            scores = [
+                probe_accuracy(pooled[:, j], labels, folds=options.folds, seed=options.seed)
+                for j in range(len(blocks))
+            ]
+            reduced["probe_accuracy"] = np.asarray([s[0] for s in scores])
+            reduced["probe_std"] = np.asarray([s[1] for s in scores])
+        per_t.append(reduced)
+        del z
         if progress is not None:
             progress.update(1, f"{run.name} step {run.step} t={t:g}")
 
     values = {k: np.stack([np.asarray(r[k]) for r in per_t]) for k in per_t[0]}
-    chance = None
-    if probes:
-        labels = np.asarray(inputs.y)
-        acc = np.zeros((len(options.t), len(blocks)))
-        std = np.zeros_like(acc)
-        for i, pooled in enumerate(pooled_t):
-            for j in range(len(blocks)):
-                acc[i, j], std[i, j] = probe_accuracy(
-                    pooled[:, j], labels, folds=options.folds, seed=options.seed
-                )
-        values["probe_accuracy"], values["probe_std"] = acc, std
-        chance = float(np.bincount(labels).max() / labels.size)
+    chance = float(np.bincount(labels).max() / labels.size) if probes else None
     disp = run.config.disp
     disp_blocks = tuple(b + 1 for b in disp.block_indices(depth)) if disp.active else ()
     return RunMetrics(
@@ -445,8 +442,16 @@ def analyze_dynamics(
     options: Options = Options(),
     *,
     analyses: Sequence[str] = ("norms", "spectra"),
+    known: Sequence[RunMetrics] = (),
 ) -> list[list[RunMetrics]]:
     """Analyse every saved checkpoint of each run (representation change during training).
+
+    **Arguments:**
+
+    - `paths`, `options`: as for `analyze_runs`.
+    - `analyses`: computed for every checkpoint (default: norms and spectra, no probes).
+    - `known`: metrics already computed with the same options (e.g. by `analyze_runs`); a
+      checkpoint whose run path and step match one of them is not computed again.
 
     **Returns:** one list per run, of `RunMetrics` ordered by step. Same errors as `analyze_runs`.
     """
@@ -459,13 +464,19 @@ def analyze_dynamics(
     for r in first:
         parse_blocks(options.blocks, r.model.depth)
     check_comparable([r.config for r in first], names)
-    inputs = load_inputs(first[0].config, options)
-    bar = Progress(sum(len(s) for s in steps) * len(options.t), "dynamics", options.progress)
+    done = {(m.path, m.step): m for m in known}
+    todo = sum((str(p.absolute()), st) not in done for p, s in zip(paths, steps) for st in s)
+    inputs = load_inputs(first[0].config, options) if todo else None
+    bar = Progress(todo * len(options.t), "dynamics", options.progress and todo > 0)
     out = []
     for p, s, nm, r0 in zip(paths, steps, names, first):
-        series = [collect(r0, inputs, options, analyses=analyses, progress=bar)]
-        for st in s[1:]:
-            r = load_run(p, step=st, ema=options.ema, name=nm)
+        series = []
+        for st in s:
+            if (str(p.absolute()), st) in done:
+                m = done[(str(p.absolute()), st)]
+                series.append(dataclasses.replace(m, name=nm))
+                continue
+            r = r0 if st == r0.step else load_run(p, step=st, ema=options.ema, name=nm)
             series.append(collect(r, inputs, options, analyses=analyses, progress=bar))
         out.append(series)
     return out

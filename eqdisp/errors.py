@@ -2,8 +2,24 @@
 
 from .config import ConfigError
 from .data import DataError
+from .eval import EvalError, InceptionWeightsError
 from .train import CheckpointError, TrainingError
 
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, CheckpointError, TrainingError)
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError,
+    DataError,
+    CheckpointError,
+    TrainingError,
+    EvalError,
+    InceptionWeightsError,
+)
 
-__all__ = ["USER_ERRORS", "CheckpointError", "ConfigError", "DataError", "TrainingError"]
+__all__ = [
+    "USER_ERRORS",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "EvalError",
+    "InceptionWeightsError",
+    "TrainingError",
+]

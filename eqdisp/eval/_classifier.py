@@ -17,7 +17,7 @@ comparable with any FID-Inception in the literature.
   of the pooled conv map, flattened NHWC, 4 * 4 * 7 = 112-d (sFID, after ADM's ``mixed_6/conv[..., :7]``);
   softmax of the logits (IS, 10 classes, so at most 10).
 - **Training**: deterministic: fixed seed, Adam, a fixed sequence of minibatch permutations, one
-  compiled ``lax.scan`` over all steps (a few seconds on a CPU). The weights are cached in
+  compiled step (a few seconds on a CPU). The weights are cached in
   ``cache_dir()`` (``$XDG_CACHE_HOME/eqdisp`` or ``~/.cache/eqdisp``) under a name that hashes every
   training setting, so a change of settings never reads stale weights.
 """
@@ -48,9 +48,9 @@ CLASSIFIER_SETTINGS = {
     "hidden": 64,
     "spatial_channels": 7,
     "seed": 0,
-    "epochs": 40,
+    "epochs": 30,
     "batch_size": 100,
-    "learning_rate": 2e-3,
+    "learning_rate": 3e-3,
 }
 """Everything that determines the trained weights; its hash names the cache file."""
 
@@ -132,17 +132,19 @@ def train_digits_classifier() -> DigitsClassifier:
         return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
 
     @jax.jit
-    def run(params, order):
-        def step(carry, idx):
-            params, opt_state = carry
-            grads = jax.grad(loss_fn)(params, x[idx], y[idx])
+    def step(params, opt_state, idx):
+        grads = jax.grad(loss_fn)(params, x[idx], y[idx])
+        # optax computes b ** count (float ** int32); allow that promotion whatever the global mode.
+        with jax.numpy_dtype_promotion("standard"):
             updates, opt_state = optimizer.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), None
+        return optax.apply_updates(params, updates), opt_state
 
-        (params, _), _ = jax.lax.scan(step, (params, optimizer.init(params)), order)
-        return params
-
-    return eqx.combine(run(params, order), static)
+    # A Python loop over one compiled step: measured ~8 ms a step on a loaded 2-core CPU, while
+    # the same steps under one lax.scan ran for minutes (XLA CPU picks a slow convolution there).
+    opt_state = optimizer.init(params)
+    for idx in order:
+        params, opt_state = step(params, opt_state, idx)
+    return eqx.combine(params, static)
 
 
 def classifier_path() -> pathlib.Path:
@@ -159,7 +161,7 @@ def load_digits_classifier(*, cache: bool = True) -> DigitsClassifier:
         try:
             return eqx.tree_deserialise_leaves(path, like)
         except Exception:  # noqa: BLE001 - a truncated or foreign file: retrain and overwrite it
-            pass
+            path.unlink(missing_ok=True)
     model = train_digits_classifier()
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)

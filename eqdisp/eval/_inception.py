@@ -76,6 +76,29 @@ def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
+def _numpy_rng(key: PRNGKeyArray) -> np.random.Generator:
+    return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+
+
+# Random init draws with NumPy, seeded by the key's bits, when the key is concrete: eager
+# jax.random compiles one kernel per shape (about 40 s for the whole net on this CPU), and these
+# weights only stand in for the file. Under tracing (`eqx.filter_eval_shape`) jax.random is used.
+
+
+def _normal(key: PRNGKeyArray, shape: tuple[int, ...]) -> Float[Array, "..."]:
+    if isinstance(key, jax.core.Tracer):
+        return jax.random.normal(key, shape, jnp.float32)
+    return jnp.asarray(_numpy_rng(key).standard_normal(shape, np.float32))
+
+
+def _uniform(
+    key: PRNGKeyArray, shape: tuple[int, ...], low: float, high: float
+) -> Float[Array, "..."]:
+    if isinstance(key, jax.core.Tracer):
+        return jax.random.uniform(key, shape, jnp.float32, low, high)
+    return jnp.asarray(_numpy_rng(key).uniform(low, high, shape).astype(np.float32))
+
+
 class BasicConv2d(eqx.Module):
     """Conv (no bias) + inference BatchNorm (eps 1e-3) + ReLU, on one `h w c` image."""
 
@@ -107,16 +130,13 @@ class BasicConv2d(eqx.Module):
         - `key`: a PRNG key.
         """
         kh, kw = _pair(kernel)
-        # NumPy draws seeded by the key's bits: eager jax.random compiles one kernel per shape
-        # (about 40 s for the whole net on this CPU), and these weights only stand in for the file.
-        rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+        w_key, gamma_key, beta_key, mean_key, var_key = jax.random.split(key, 5)
         std = math.sqrt(2.0 / (in_channels * kh * kw))
-        shape = (kh, kw, in_channels, out_channels)
-        self.weight = jnp.asarray(std * rng.standard_normal(shape, np.float32))
-        self.bn_weight = jnp.asarray(rng.uniform(0.5, 1.5, out_channels).astype(np.float32))
-        self.bn_bias = jnp.asarray(0.1 * rng.standard_normal(out_channels, np.float32))
-        self.bn_mean = jnp.asarray(0.1 * rng.standard_normal(out_channels, np.float32))
-        self.bn_var = jnp.asarray(rng.uniform(0.5, 1.5, out_channels).astype(np.float32))
+        self.weight = std * _normal(w_key, (kh, kw, in_channels, out_channels))
+        self.bn_weight = _uniform(gamma_key, (out_channels,), 0.5, 1.5)
+        self.bn_bias = 0.1 * _normal(beta_key, (out_channels,))
+        self.bn_mean = 0.1 * _normal(mean_key, (out_channels,))
+        self.bn_var = _uniform(var_key, (out_channels,), 0.5, 1.5)
         self.stride = stride
         self.padding = _pair(padding)
 
@@ -339,20 +359,24 @@ class InceptionE(eqx.Module):
 
 
 def _resize_matrix(size_in: int, size_out: int, frontend: str) -> np.ndarray:
-    """`(size_out, size_in)` bilinear interpolation weights for one axis."""
-    scale = size_in / size_out
-    dst = np.arange(size_out, dtype=np.float64)
+    """`(size_out, size_in)` bilinear interpolation weights for one axis.
+
+    Source coordinates and weights are computed in float32, as both reference kernels do (TF1
+    `ResizeBilinear`, PyTorch's CPU `upsample_bilinear2d`), so the grids match them bit for bit.
+    """
+    scale = np.float32(size_in) / np.float32(size_out)
+    dst = np.arange(size_out, dtype=np.float32)
     if frontend == "tf1":  # TF1 ResizeBilinear, align_corners=False, no half-pixel centres
         src = dst * scale
     else:  # PyTorch align_corners=False: half-pixel centres, negative sources clamp to 0
-        src = np.maximum((dst + 0.5) * scale - 0.5, 0.0)
+        src = np.maximum(scale * (dst + np.float32(0.5)) - np.float32(0.5), np.float32(0.0))
     low = np.minimum(np.floor(src).astype(np.int64), size_in - 1)
     high = np.minimum(low + 1, size_in - 1)
-    frac = src - low
-    matrix = np.zeros((size_out, size_in), np.float64)
-    np.add.at(matrix, (np.arange(size_out), low), 1.0 - frac)
+    frac = np.clip(src - low.astype(np.float32), np.float32(0.0), np.float32(1.0))
+    matrix = np.zeros((size_out, size_in), np.float32)
+    np.add.at(matrix, (np.arange(size_out), low), np.float32(1.0) - frac)
     np.add.at(matrix, (np.arange(size_out), high), frac)
-    return matrix.astype(np.float32)
+    return matrix
 
 
 def resize_bilinear(
@@ -447,11 +471,8 @@ class InceptionV3FID(eqx.Module):
         self.Mixed_7a = InceptionD(768, key=next(keys))
         self.Mixed_7b = InceptionE(1280, "avg", key=next(keys))
         self.Mixed_7c = InceptionE(2048, "max", key=next(keys))
-        rng = np.random.default_rng(np.asarray(jax.random.key_data(next(keys))).ravel().tolist())
         bound = 1.0 / math.sqrt(2048)
-        self.fc_weight = jnp.asarray(
-            rng.uniform(-bound, bound, (_NUM_CLASSES, 2048)).astype(np.float32)
-        )
+        self.fc_weight = _uniform(next(keys), (_NUM_CLASSES, 2048), -bound, bound)
         self.fc_bias = jnp.zeros((_NUM_CLASSES,), jnp.float32)
         self.frontend = frontend
 
@@ -467,8 +488,8 @@ class InceptionV3FID(eqx.Module):
         **Arguments:**
 
         - `x`: one RGB image, channels first, float pixel values in [0, 255] (a uint8 image cast
-            to float32), any size (resized to 299 x 299 inside; at least 75 x 75 after resize is
-            automatic).
+            to float32), any size: it is resized to 299 x 299 inside (the net itself needs at least
+            75 x 75).
 
         **Returns:** an `InceptionFeatures` (`pool3` 2048, `spatial` 2023, `logits` 1008).
         Batch with `jax.vmap`, or use `inception_features` for NumPy uint8 NHWC batches.

@@ -291,9 +291,46 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(base) / "eqdisp"
 
 
+class InceptionFeatureExtractor:
+    """The `FeatureExtractor` of FID-Inception: ``eqdisp.eval._inception``'s FID Inception-v3
+    (TF1 front end, as ADM) with the weights the user supplies; pool3 (FID, precision/recall),
+    mixed_6/conv[..., :7] (sFID) and the softmax of the bias-free logits (IS, 1008 classes)."""
+
+    adm_compatible = True
+
+    def __init__(self, weights: str | os.PathLike | None = None, *, batch_size: int = 64):
+        try:
+            from ._inception import inception_features, load_inception
+        except ImportError as e:
+            raise EvalError(f"Inception features are not available in this install ({e})") from e
+        from . import _inception
+
+        weights_error = getattr(_inception, "InceptionWeightsError", EvalError)
+        try:
+            path = pathlib.Path(weights) if weights else _inception.default_weights_path()
+            self.model = load_inception(path)
+        except weights_error as e:
+            raise EvalError(str(e)) from e
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        self.name = f"inception-tf1-{digest.hexdigest()[:12]}"
+        self.batch_size = batch_size
+        self._features = inception_features
+
+    def __call__(self, images: UInt8[np.ndarray, "n h w c"]) -> Features:
+        if images.shape[-1] != 3:
+            raise EvalError(f"Inception needs RGB images (n, h, w, 3), got {list(images.shape)}")
+        out = self._features(self.model, images, self.batch_size)
+        logits = out["logits"].astype(np.float64)
+        probs = np.exp(logits - logits.max(1, keepdims=True))
+        return Features(out["pool3"], out["spatial"], probs / probs.sum(1, keepdims=True))
+
+
 def resolve_extractor(features: "str | FeatureExtractor", *, inception_weights: str | None = None):
-    """``"classifier"`` (the bundled-digits classifier), ``"inception"`` (needs
-    ``eqdisp.eval._inception`` and a weights file) or a `FeatureExtractor` passed through."""
+    """``"classifier"`` (the bundled-digits classifier), ``"inception"`` (`InceptionFeatureExtractor`
+    with `inception_weights`) or a `FeatureExtractor` passed through."""
     if not isinstance(features, str):
         return features
     if features == "classifier":
@@ -301,17 +338,7 @@ def resolve_extractor(features: "str | FeatureExtractor", *, inception_weights: 
 
         return digits_feature_extractor()
     if features == "inception":
-        try:
-            from . import _inception
-        except ImportError as e:
-            raise EvalError(f"Inception features are not available in this install ({e})") from e
-        make = getattr(_inception, "inception_feature_extractor", None)
-        if make is None:
-            raise EvalError(
-                "Inception features are not available: eqdisp.eval._inception defines no "
-                "inception_feature_extractor(weights)"
-            )
-        return make(inception_weights)
+        return InceptionFeatureExtractor(inception_weights)
     raise EvalError(f"features={features!r} is not allowed: expected 'classifier' or 'inception'")
 
 
@@ -550,6 +577,7 @@ __all__ = [
     "FeatureExtractor",
     "FeatureStats",
     "Features",
+    "InceptionFeatureExtractor",
     "ReferenceStats",
     "cache_dir",
     "evaluate",

@@ -12,7 +12,7 @@ import contextlib
 import os
 import pathlib
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 

@@ -1,0 +1,190 @@
+"""Tests of `analysis/` and `python -m cli.analyze`: known answers, then a tiny end-to-end run."""
+
+import json
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+
+# ----------------------------------------------------------------------------------------------
+# Known answers of the reductions
+
+
+def test_block_norms_of_constructed_taps():
+    import eqdisp
+    from analysis import block_norms
+
+    # Example e, block k, token s holds the vector (3, 4, 0, ...) * (k + 1) * (e + 1) * (s + 1).
+    batch, depth, tokens, dim = 3, 2, 4, 5
+    unit = jnp.zeros((dim,), jnp.float32).at[0].set(3.0).at[1].set(4.0)
+    e = jnp.arange(1, batch + 1, dtype=jnp.float32)[:, None, None, None]
+    k = jnp.arange(1, depth + 1, dtype=jnp.float32)[None, :, None, None]
+    s = jnp.arange(1, tokens + 1, dtype=jnp.float32)[None, None, :, None]
+    blocks = unit * e * k * s
+    taps = jax.vmap(lambda b: eqdisp.Taps(blocks=b, c=jnp.zeros((dim,), jnp.float32)))(blocks)
+    per_token, per_example = block_norms(taps.blocks)
+    # per token: 5 k e s averaged over e in 1..3 (mean 2) and s in 1..4 (mean 2.5)
+    np.testing.assert_allclose(per_token, [5 * 1 * 2 * 2.5, 5 * 2 * 2 * 2.5], rtol=1e-6)
+    # per example: 5 k e sqrt(1 + 4 + 9 + 16), averaged over e
+    np.testing.assert_allclose(
+        per_example, [5 * k_ * 2 * math.sqrt(30) for k_ in (1, 2)], rtol=1e-6
+    )
+
+
+def test_effective_rank_of_orthogonal_matrix_is_its_rank():
+    from analysis import effective_rank, singular_values
+
+    q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(12, 12)))
+    s = singular_values(jnp.asarray(q, jnp.float32), center=False)
+    np.testing.assert_allclose(s, np.ones(12), atol=1e-5)
+    assert float(effective_rank(s)) == pytest.approx(12.0, rel=1e-5)
+    # 5 orthonormal rows of a 12-d space, padded with 3 zero rows: rank 5.
+    rows = jnp.asarray(np.concatenate([q[:5], np.zeros((3, 12))]), jnp.float32)
+    assert float(effective_rank(singular_values(rows, center=False))) == pytest.approx(5.0, rel=1e-4)
+    # Singular values match NumPy's on a generic (centred) matrix.
+    z = np.random.default_rng(1).normal(size=(6, 3, 4)).astype(np.float32)
+    flat = z.reshape(6, -1)
+    expected = np.linalg.svd(flat - flat.mean(0), compute_uv=False)
+    np.testing.assert_allclose(singular_values(jnp.asarray(z))[:6], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_uniformity_matches_numpy():
+    from analysis import uniformity
+
+    z = np.random.default_rng(0).normal(size=(20, 4, 8)).astype(np.float32)
+    x = z.reshape(20, -1).astype(np.float64)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    i, j = np.triu_indices(20, k=1)
+    expected = np.log(np.mean(np.exp(-2.0 * np.sum((x[i] - x[j]) ** 2, axis=1))))
+    assert float(uniformity(jnp.asarray(z))) == pytest.approx(expected, rel=1e-5)
+
+
+def test_distance_quantiles_and_dispersive_values():
+    import eqdisp
+    from analysis import DISPERSIVE_VARIANTS, dispersive_values, pairwise_distance_quantiles
+
+    z = np.random.default_rng(0).normal(size=(16, 2, 3)).astype(np.float32)
+    flat = z.reshape(16, -1).astype(np.float64)
+    i, j = np.triu_indices(16, k=1)
+    d = np.sum((flat[i] - flat[j]) ** 2, axis=1) / 6
+    expected = np.quantile(d, [0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0])
+    np.testing.assert_allclose(pairwise_distance_quantiles(jnp.asarray(z)), expected, rtol=1e-4)
+    values = dispersive_values(jnp.asarray(z), tau=0.5, group_size=8)
+    for v, got in zip(DISPERSIVE_VARIANTS, values):
+        want = eqdisp.dispersive_loss(jnp.asarray(z), v, tau=0.5, group_size=8)
+        assert float(got) == pytest.approx(float(want), rel=1e-6)
+
+
+def test_probes_separable_and_shuffled():
+    from analysis import probe_accuracy
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 30)
+    centres = rng.normal(size=(4, 16)) * 10.0
+    features = centres[labels] + rng.normal(size=(120, 16))
+    mean, _ = probe_accuracy(features, labels, folds=5, seed=0)
+    assert mean > 0.99
+    shuffled, _ = probe_accuracy(features, rng.permutation(labels), folds=5, seed=0)
+    assert shuffled < 0.45  # chance is 0.25
+    assert probe_accuracy(features, labels, seed=3) == probe_accuracy(features, labels, seed=3)
+
+
+def test_parse_blocks_and_options_errors():
+    from analysis import AnalysisError, Options, parse_blocks
+
+    assert parse_blocks("all", 6) == (1, 2, 3, 4, 5, 6)
+    assert parse_blocks("quarter", 6) == (1,)
+    assert parse_blocks("3,1,3", 6) == (1, 3)
+    with pytest.raises(AnalysisError, match="block 7 is out of range"):
+        parse_blocks("1,7", 6)
+    with pytest.raises(AnalysisError, match="t=1.5"):
+        Options(t=(0.5, 1.5))
+    with pytest.raises(AnalysisError, match="group_size"):
+        Options(examples=20, group_size=16)
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end on two tiny run directories
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from analysis_runs import make_run
+
+    root = tmp_path_factory.mktemp("runs")
+    make_run(root / "base", variant="none", steps=(1, 2), seed=1)
+    make_run(root / "disp", variant="infonce_l2", steps=(2,), seed=2)
+    return root
+
+
+def _argv(kind, runs, out, *extra):
+    return [kind, str(runs / "base"), str(runs / "disp"), "--out", str(out), "--examples", "32",
+            "--t", "0.2", "0.8", "--group-size", "8", "--folds", "2", "--no-progress", *extra]
+
+
+def test_cli_report_end_to_end(runs, tmp_path, capsys):
+    from cli.analyze import main
+
+    assert main(_argv("report", runs, tmp_path)) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(tmp_path / f"report.{ext}") for ext in ("html", "json", "csv")]
+    page = (tmp_path / "report.html").read_text()
+    assert not re.findall(r"<script[^>]*src=", page) and len(page) > 3e6  # plotly.js embedded
+    assert page.count('class="plotly-graph-div"') >= 10  # norms, spectra, probes, dynamics
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert [r["name"] for r in data["runs"]] == ["base", "disp"]
+    base, disp = data["runs"]
+    assert base["variant"] == "none" and disp["variant"] == "infonce_l2" and disp["disp_blocks"] == [1]
+    assert np.asarray(base["values"]["norm_example"]).shape == (2, 6)
+    assert np.asarray(base["values"]["probe_accuracy"]).shape == (2, 6)
+    assert [m["step"] for m in data["dynamics"][0]] == [1, 2]
+    assert len(data["key_numbers"]) == 2 * 6
+    # Identical inputs: the two runs differ (different weights), each run's blocks differ.
+    assert not np.allclose(base["values"]["norm_example"], disp["values"]["norm_example"])
+    for run in ("base", "disp"):
+        for b in range(1, 7):
+            assert page.count(f'"name":"{run} \\u00b7 block {b}') > 0 or f"{run} · block {b}" in page
+    csv_lines = (tmp_path / "report.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("run,variant,step,block") and len(csv_lines) == 13
+
+
+def test_figures_one_trace_per_run_and_block(runs):
+    from analysis import Options, analyze_runs, figures, metric_vs_t, singular_spectrum
+
+    opts = Options(t=(0.5,), examples=32, blocks="1,3", group_size=8, folds=2, progress=False)
+    results = analyze_runs([runs / "base", runs / "disp"], opts)
+    fig = metric_vs_t(results, "effective_rank")
+    assert [tr.name for tr in fig.data] == [
+        "base · block 1", "base · block 3", "disp · block 1 (dispersed)", "disp · block 3"
+    ]
+    assert len(singular_spectrum(results).data) == 4
+    norms = figures("norms", results)
+    assert len(norms[0].data) == 2  # by block: one trace per run
+    assert all(len(f.data) == 4 for f in norms[1:])
+    # Same inputs for every run: analysing a run twice gives the same numbers.
+    again = analyze_runs([runs / "base"], opts)[0]
+    np.testing.assert_array_equal(again.values["norm_token"], results[0].values["norm_token"])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["norms", "{tmp}"], "not a run directory"),
+        (["norms", "{tmp}/missing"], "no such run directory"),
+        (["norms", "{runs}/base", "--blocks", "9"], "block 9 is out of range"),
+        (["probes", "{runs}/base", "--data", "folder", "--data-path", "{tmp}"], "{tmp}"),
+        (["dynamics"], "no run directory given"),
+    ],
+)
+def test_cli_errors_are_one_line(runs, tmp_path, capsys, argv, message):
+    from cli.analyze import main
+
+    argv = [a.format(tmp=tmp_path, runs=runs) for a in argv]
+    assert main([*argv, "--no-progress", "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert message.format(tmp=tmp_path) in err

@@ -1,0 +1,109 @@
+"""``python -m cli.sample`` and ``python -m cli.evaluate`` end to end on a tiny run."""
+
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A ``sit-tiny`` run directory with one checkpoint of the initial weights (no training step:
+    sampling only needs a valid checkpoint, and this avoids compiling the train step)."""
+    import jax.random as jr
+
+    from eqdisp.config import PRESETS, RunConfig
+    from eqdisp.models import make_model
+    from eqdisp.train import Checkpointer, init_train_state, make_optimizer
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = PRESETS["sit-tiny"][1]
+    cfg = dataclasses.replace(cfg, train=RunConfig(steps=0, batch_size=16, out=str(out), sample_count=0))
+    key_model, key_train = jr.split(jr.key(0))
+    state = init_train_state(make_model(cfg.model, key=key_model), make_optimizer(cfg.optim), key=key_train)
+    with Checkpointer(out / "checkpoints") as ckpt:
+        ckpt.save(0, state, config=cfg)
+    return out
+
+
+def _cmd(run, out, *extra):
+    return [sys.executable, "-m", "cli.sample", str(run), "--num", "22", "--batch-size", "2",
+            "--steps", "8", "--cfg-scale", "1.5", "--out", str(out), *extra]
+
+
+def test_sample_cli_resumes_after_sigkill_and_matches_a_one_shot_run(tiny_run, tmp_path, monkeypatch):
+    from cli.sample import main
+    from eqdisp.eval import EvalError, generate, partial_dir
+
+    out = tmp_path / "samples.npz"
+    partial = partial_dir(out)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(_cmd(tiny_run, out), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not list(partial.glob("batch_*.npz")):
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, "no batch written within 120 s"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list(partial.glob("batch_*.npz")))
+    assert not out.exists() and 1 <= done < 11, f"{done} of 11 batches before the kill"
+
+    # Another seed must not be mixed into these batches.
+    with pytest.raises(EvalError, match="another sampling run"):
+        generate(tiny_run, num=22, out=out, batch_size=2, seed=1, progress=False)
+
+    resumed = subprocess.run(_cmd(tiny_run, out), check=False, cwd=REPO, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr and not partial.exists()
+
+    one_shot = tmp_path / "one_shot.npz"
+    main([str(tiny_run), "--num", "22", "--batch-size", "2", "--steps", "8", "--cfg-scale", "1.5",
+          "--out", str(one_shot), "--grid", str(tmp_path / "grid.png")])
+    with np.load(out) as a, np.load(one_shot) as b:
+        assert a["arr_0"].shape == (22, 8, 8, 1) and a["arr_0"].dtype == np.uint8
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+        np.testing.assert_array_equal(a["labels"], b["labels"])
+        assert a["labels"].min() >= 0 and a["labels"].max() < 10
+    assert (tmp_path / "grid.png").is_file()
+
+    # An existing output is not overwritten by accident.
+    with pytest.raises(EvalError, match="exists"):
+        generate(tiny_run, num=22, out=out, batch_size=2, progress=False)
+
+
+def test_sample_then_evaluate_reports_fid_classifier(tiny_run, tmp_path, tmp_path_factory, monkeypatch):
+    from cli.evaluate import main as evaluate_main
+    from eqdisp.eval import generate
+
+    cache = tmp_path_factory.getbasetemp() / "xdg-cache"  # shared with test_eval's classifier
+    cache.mkdir(exist_ok=True)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    out = tmp_path / "samples.npz"
+    summary = generate(tiny_run, num=30, out=out, batch_size=8, labels=3, progress=False,
+                       sampler=dataclasses.replace(_sampler(tiny_run), steps=4))
+    assert summary["num"] == 30 and summary["batches"] == 4
+    with np.load(out) as data:
+        assert (data["labels"] == 3).all()
+    result = evaluate_main([str(out), "--ref", "digits-test"])
+    report = json.loads((tmp_path / "samples.metrics.json").read_text())
+    assert report["fid"] == pytest.approx(result["fid"]) and np.isfinite(report["fid"])
+    assert report["num_samples"] == 30 and report["num_reference_images"] == 297
+    assert 1.0 <= report["inception_score"] <= 10.0
+    assert 0.0 <= report["precision"] <= 1.0 and 0.0 <= report["recall"] <= 1.0
+
+
+def _sampler(run):
+    from eqdisp import load_checkpoint
+
+    return load_checkpoint(run).config.sampler
