@@ -15,43 +15,99 @@ Times follow SiT: t = 0 is pure noise, t = 1 is clean data. Blocks are numbered 
 
 from ._collect import (
     ANALYSES as ANALYSES,
+)
+from ._collect import (
     DATA_SOURCES as DATA_SOURCES,
+)
+from ._collect import (
     Inputs as Inputs,
+)
+from ._collect import (
     Options as Options,
+)
+from ._collect import (
     Run as Run,
+)
+from ._collect import (
     RunMetrics as RunMetrics,
+)
+from ._collect import (
     analyze_dynamics as analyze_dynamics,
+)
+from ._collect import (
     analyze_runs as analyze_runs,
+)
+from ._collect import (
     collect as collect,
+)
+from ._collect import (
     list_steps as list_steps,
+)
+from ._collect import (
     load_inputs as load_inputs,
+)
+from ._collect import (
     load_run as load_run,
+)
+from ._collect import (
     parse_blocks as parse_blocks,
 )
 from ._errors import AnalysisError as AnalysisError
 from ._figures import (
     distance_boxes as distance_boxes,
+)
+from ._figures import (
     metric_vs_block as metric_vs_block,
+)
+from ._figures import (
     metric_vs_step as metric_vs_step,
+)
+from ._figures import (
     metric_vs_t as metric_vs_t,
+)
+from ._figures import (
     singular_spectrum as singular_spectrum,
 )
 from ._metrics import (
     DISPERSIVE_VARIANTS as DISPERSIVE_VARIANTS,
+)
+from ._metrics import (
     QUANTILE_LEVELS as QUANTILE_LEVELS,
+)
+from ._metrics import (
     block_norms as block_norms,
+)
+from ._metrics import (
     dispersive_values as dispersive_values,
+)
+from ._metrics import (
     effective_rank as effective_rank,
+)
+from ._metrics import (
     pairwise_distance_quantiles as pairwise_distance_quantiles,
+)
+from ._metrics import (
     singular_values as singular_values,
+)
+from ._metrics import (
     uniformity as uniformity,
 )
 from ._probes import probe_accuracy as probe_accuracy
 from ._report import (
     KINDS as KINDS,
+)
+from ._report import (
     default_out as default_out,
+)
+from ._report import (
     figures as figures,
+)
+from ._report import (
     key_numbers as key_numbers,
+)
+from ._report import (
     write_analysis as write_analysis,
+)
+from ._report import (
     write_html as write_html,
 )

@@ -71,6 +71,9 @@ class Options:
     """Group size of the dispersive values (must divide ``examples``); None: one group."""
     folds: int = 5
     """Cross-validation folds of the linear probes."""
+    unconditional: bool = False
+    """Feed the models the null label instead of the class: a class-conditional model's blocks
+    carry the label from the conditioning, so probes of them read it rather than infer it."""
     progress: bool = True
     """Show a progress bar on stderr."""
 
@@ -79,13 +82,19 @@ class Options:
             raise AnalysisError("t: the time grid is empty; give at least one time in [0, 1]")
         bad = [t for t in self.t if not (0.0 <= t <= 1.0 and math.isfinite(t))]
         if bad:
-            raise AnalysisError(f"t={bad[0]!r} is out of range: times lie in [0, 1] (0 = noise, 1 = data)")
+            raise AnalysisError(
+                f"t={bad[0]!r} is out of range: times lie in [0, 1] (0 = noise, 1 = data)"
+            )
         if self.examples < 2:
             raise AnalysisError(f"examples={self.examples} is not allowed: expected at least 2")
         if self.batch_size < 1:
-            raise AnalysisError(f"batch_size={self.batch_size} is not allowed: expected a positive int")
+            raise AnalysisError(
+                f"batch_size={self.batch_size} is not allowed: expected a positive int"
+            )
         if self.data not in DATA_SOURCES:
-            raise AnalysisError(f"data={self.data!r} is not allowed: expected one of {', '.join(DATA_SOURCES)}")
+            raise AnalysisError(
+                f"data={self.data!r} is not allowed: expected one of {', '.join(DATA_SOURCES)}"
+            )
         if self.group_size is not None and (
             self.group_size < 2 or self.examples % self.group_size != 0
         ):
@@ -200,12 +209,13 @@ def load_inputs(config: ExperimentConfig, options: Options) -> Inputs:
         data = config.data
     else:
         data = DataConfig(source=options.data, image_size=config.data.image_size)
-    data = dataclasses.replace(
-        data, flip=False, workers=0, path=options.data_path or data.path
-    )
+    data = dataclasses.replace(data, flip=False, workers=0, path=options.data_path or data.path)
     shape = (model.in_channels, model.input_size, model.input_size)
     dataset = eqdisp.make_dataset(
-        data, batch_size=options.examples, seed=options.seed, shape=shape,
+        data,
+        batch_size=options.examples,
+        seed=options.seed,
+        shape=shape,
         num_classes=model.num_classes,
     )
     batch = next(iter(dataset))
@@ -270,7 +280,9 @@ def _forward_blocks(
 
 
 @functools.partial(jax.jit, static_argnames=("spectra", "tau", "group_size"))
-def _reduce(z: Float[Array, "n k tokens dim"], *, spectra: bool, tau: float, group_size: int | None):
+def _reduce(
+    z: Float[Array, "n k tokens dim"], *, spectra: bool, tau: float, group_size: int | None
+):
     """All metrics of one time, for every selected block (vmapped over blocks)."""
     per_token, per_example = block_norms(z)
     out = {"norm_token": per_token, "norm_example": per_example}
@@ -313,7 +325,11 @@ class RunMetrics:
     def to_dict(self) -> dict:
         """A JSON-able dict (arrays become nested lists)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "values"}
-        d["disp_blocks"], d["t"], d["blocks"] = list(self.disp_blocks), list(self.t), list(self.blocks)
+        d["disp_blocks"], d["t"], d["blocks"] = (
+            list(self.disp_blocks),
+            list(self.t),
+            list(self.blocks),
+        )
         d["values"] = {k: np.asarray(v).tolist() for k, v in self.values.items()}
         return d
 
@@ -340,7 +356,9 @@ def collect(
     """
     unknown = set(analyses) - set(ANALYSES)
     if unknown:
-        raise AnalysisError(f"unknown analysis {sorted(unknown)[0]!r}: expected one of {', '.join(ANALYSES)}")
+        raise AnalysisError(
+            f"unknown analysis {min(unknown)!r}: expected one of {', '.join(ANALYSES)}"
+        )
     model = run.model
     depth = model.depth
     blocks = parse_blocks(options.blocks, depth)
@@ -353,6 +371,8 @@ def collect(
     pad = (-n) % bs  # pad the last batch (repeating examples) so every batch has one shape
     take = jnp.concatenate([jnp.arange(n), jnp.arange(pad) % n])
     x0, x1, y = inputs.x0[take], inputs.x1[take], inputs.y[take]
+    if options.unconditional:
+        y = jnp.full_like(y, run.config.model.num_classes)  # the null label
     spectra, probes = "spectra" in analyses, "probes" in analyses
     if probes:
         check_probe_labels(np.asarray(inputs.y), options.folds)
@@ -363,7 +383,9 @@ def collect(
         tt = jnp.asarray(t, jnp.float32)
         z = jnp.concatenate(
             [
-                _forward_blocks(model, transport, x0[i : i + bs], x1[i : i + bs], y[i : i + bs], tt, index)
+                _forward_blocks(
+                    model, transport, x0[i : i + bs], x1[i : i + bs], y[i : i + bs], tt, index
+                )
                 for i in range(0, n + pad, bs)
             ]
         )[:n]
@@ -411,7 +433,7 @@ def _unique_names(paths: Sequence[pathlib.Path]) -> list[str]:
 
 def analyze_runs(
     paths: Sequence[str | os.PathLike],
-    options: Options = Options(),
+    options: Options | None = None,
     *,
     analyses: Sequence[str] = ANALYSES,
     step: int | None = None,
@@ -424,6 +446,7 @@ def analyze_runs(
     for a block out of range or runs that take different inputs, `eqdisp.DataError` for an empty
     or unusable data source. All have one-line messages.
     """
+    options = Options() if options is None else options
     if not paths:
         raise AnalysisError("no run directory given")
     paths = [pathlib.Path(p) for p in paths]
@@ -439,7 +462,7 @@ def analyze_runs(
 
 def analyze_dynamics(
     paths: Sequence[str | os.PathLike],
-    options: Options = Options(),
+    options: Options | None = None,
     *,
     analyses: Sequence[str] = ("norms", "spectra"),
     known: Sequence[RunMetrics] = (),
@@ -455,12 +478,15 @@ def analyze_dynamics(
 
     **Returns:** one list per run, of `RunMetrics` ordered by step. Same errors as `analyze_runs`.
     """
+    options = Options() if options is None else options
     if not paths:
         raise AnalysisError("no run directory given")
     paths = [pathlib.Path(p) for p in paths]
     names = _unique_names(paths)
     steps = [list_steps(p) for p in paths]
-    first = [load_run(p, step=s[0], ema=options.ema, name=nm) for p, s, nm in zip(paths, steps, names)]
+    first = [
+        load_run(p, step=s[0], ema=options.ema, name=nm) for p, s, nm in zip(paths, steps, names)
+    ]
     for r in first:
         parse_blocks(options.blocks, r.model.depth)
     check_comparable([r.config for r in first], names)

@@ -89,12 +89,18 @@ def metric_vs_t(results: Sequence[RunMetrics], key: str, *, title: str | None = 
             )
     if key == "probe_accuracy" and results[0].chance is not None:
         fig.add_hline(
-            y=results[0].chance, line_dash="dot", line_color="grey",
-            annotation_text="majority class", annotation_position="bottom right",
+            y=results[0].chance,
+            line_dash="dot",
+            line_color="grey",
+            annotation_text="majority class",
+            annotation_position="bottom right",
         )
     fig.update_layout(
-        title=title or _label(key), xaxis_title=T_AXIS, yaxis_title=_label(key),
-        legend_title="run · block", template="plotly_white",
+        title=title or _label(key),
+        xaxis_title=T_AXIS,
+        yaxis_title=_label(key),
+        legend_title="run · block",
+        template="plotly_white",
     )
     return fig
 
@@ -112,18 +118,27 @@ def metric_vs_block(
         mean = np.asarray(r.values[key]).mean(axis=0)
         fig.add_trace(
             go.Scatter(
-                x=list(r.blocks), y=mean.tolist(), mode="lines+markers", name=r.name,
+                x=list(r.blocks),
+                y=mean.tolist(),
+                mode="lines+markers",
+                name=r.name,
                 line={"color": qualitative.Dark2[i % len(qualitative.Dark2)], **_run_style(i)},
                 marker={"symbol": _SYMBOLS[i % len(_SYMBOLS)], "size": 9},
             )
         )
         for b in r.disp_blocks:
-            fig.add_vline(x=b, line_dash="dot", line_color="grey",
-                          annotation_text=f"{r.name}: dispersive loss", annotation_position="top")
+            fig.add_vline(
+                x=b,
+                line_dash="dot",
+                line_color="grey",
+                annotation_text=f"{r.name}: dispersive loss",
+                annotation_position="top",
+            )
     ts = ", ".join(f"{t:g}" for t in results[0].t)
     fig.update_layout(
         title=title or f"{_label(key)} by block (mean over t = {ts})",
-        xaxis={"title": "block (1-based)", "dtick": 1}, yaxis_title=_label(key),
+        xaxis={"title": "block (1-based)", "dtick": 1},
+        yaxis_title=_label(key),
         template="plotly_white",
     )
     return fig
@@ -134,24 +149,33 @@ def distance_boxes(results: Sequence[RunMetrics]) -> go.Figure:
     per run (a box per block, from the quantiles: whiskers at 5% and 95%)."""
     _check_key(results, "dist_quantiles")
     ts = results[0].t
-    fig = make_subplots(rows=1, cols=len(ts), subplot_titles=[f"t = {t:g}" for t in ts],
-                        shared_yaxes=True)
+    fig = make_subplots(
+        rows=1, cols=len(ts), subplot_titles=[f"t = {t:g}" for t in ts], shared_yaxes=True
+    )
     for i, r in enumerate(results):
         q = np.asarray(r.values["dist_quantiles"])  # (t, block, 7): 0, 5, 25, 50, 75, 95, 100 %
         for k in range(min(len(ts), q.shape[0])):
             fig.add_trace(
                 go.Box(
-                    x=list(r.blocks), lowerfence=q[k, :, 1].tolist(), q1=q[k, :, 2].tolist(),
-                    median=q[k, :, 3].tolist(), q3=q[k, :, 4].tolist(),
-                    upperfence=q[k, :, 5].tolist(), name=r.name, legendgroup=r.name,
-                    showlegend=k == 0, offsetgroup=r.name,
+                    x=list(r.blocks),
+                    lowerfence=q[k, :, 1].tolist(),
+                    q1=q[k, :, 2].tolist(),
+                    median=q[k, :, 3].tolist(),
+                    q3=q[k, :, 4].tolist(),
+                    upperfence=q[k, :, 5].tolist(),
+                    name=r.name,
+                    legendgroup=r.name,
+                    showlegend=k == 0,
+                    offsetgroup=r.name,
                     marker_color=qualitative.Dark2[i % len(qualitative.Dark2)],
                 ),
-                row=1, col=k + 1,
+                row=1,
+                col=k + 1,
             )
     fig.update_layout(
         title="Pairwise squared distance ||z_i - z_j||² / D per block (box: quartiles, whiskers: 5–95%)",
-        boxmode="group", template="plotly_white",
+        boxmode="group",
+        template="plotly_white",
     )
     fig.update_xaxes(title_text="block", dtick=1)
     return fig
@@ -170,15 +194,19 @@ def singular_spectrum(results: Sequence[RunMetrics], *, t_index: int | None = No
             p = p[p > 1e-7 * p.max()] if p.max() > 0 else p
             fig.add_trace(
                 go.Scatter(
-                    x=list(range(1, p.size + 1)), y=p.tolist(), mode="lines",
-                    name=f"{r.name} · {_block_name(r, b)}", legendgroup=r.name,
+                    x=list(range(1, p.size + 1)),
+                    y=p.tolist(),
+                    mode="lines",
+                    name=f"{r.name} · {_block_name(r, b)}",
+                    legendgroup=r.name,
                     line={"color": block_color(b), **_run_style(i)},
                 )
             )
     t = results[0].t[len(results[0].t) // 2 if t_index is None else t_index]
     fig.update_layout(
         title=f"Singular value spectrum of the batch representation matrix (t = {t:g})",
-        xaxis={"title": "index k", "type": "log"}, yaxis={"title": "s_k / Σ s", "type": "log"},
+        xaxis={"title": "index k", "type": "log"},
+        yaxis={"title": "s_k / Σ s", "type": "log"},
         template="plotly_white",
     )
     return fig
@@ -196,14 +224,20 @@ def metric_vs_step(series: Sequence[Sequence[RunMetrics]], key: str) -> go.Figur
             y = [float(np.asarray(m.values[key])[:, j].mean()) for m in run]
             fig.add_trace(
                 go.Scatter(
-                    x=steps, y=y, mode="lines+markers", name=f"{first.name} · {_block_name(first, b)}",
-                    legendgroup=first.name, line={"color": block_color(b), **_run_style(i)},
+                    x=steps,
+                    y=y,
+                    mode="lines+markers",
+                    name=f"{first.name} · {_block_name(first, b)}",
+                    legendgroup=first.name,
+                    line={"color": block_color(b), **_run_style(i)},
                     marker={"symbol": _SYMBOLS[i % len(_SYMBOLS)]},
                 )
             )
     fig.update_layout(
-        title=f"{_label(key)} during training (mean over the t grid)", xaxis_title="training step",
-        yaxis_title=_label(key), template="plotly_white",
+        title=f"{_label(key)} during training (mean over the t grid)",
+        xaxis_title="training step",
+        yaxis_title=_label(key),
+        template="plotly_white",
     )
     return fig
 

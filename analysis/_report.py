@@ -69,13 +69,20 @@ def figures(kind: str, results: Sequence[RunMetrics]) -> list[go.Figure]:
 
 def dynamics_figures(series: Sequence[Sequence[RunMetrics]]) -> list[go.Figure]:
     """The figures of the metrics across the checkpoints of each run."""
-    keys = [k for k in ("norm_example", "effective_rank", "uniformity", "probe_accuracy")
-            if all(k in m.values for run in series for m in run)]
+    keys = [
+        k
+        for k in ("norm_example", "effective_rank", "uniformity", "probe_accuracy")
+        if all(k in m.values for run in series for m in run)
+    ]
     return [metric_vs_step(series, k) for k in keys]
 
 
 def write_html(
-    path: str | os.PathLike, figs: Sequence[go.Figure], *, title: str, intro: str = "",
+    path: str | os.PathLike,
+    figs: Sequence[go.Figure],
+    *,
+    title: str,
+    intro: str = "",
     table: str = "",
 ) -> pathlib.Path:
     """One self-contained HTML page: a title, an intro paragraph, a table, then the figures.
@@ -93,9 +100,12 @@ def write_html(
     parts = [
         "<!DOCTYPE html>\n<html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title>",
-        "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}"
-        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-        "th{background:#f3f3f3}tr.disp td{font-weight:bold}</style></head><body>",
+        (
+            "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}"
+            "table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+            "th{background:#f3f3f3}tr.disp td{font-weight:bold}</style></head><body>"
+        ),
         f"<h1>{html.escape(title)}</h1>",
     ]
     if intro:
@@ -114,8 +124,13 @@ def key_numbers(results: Sequence[RunMetrics]) -> list[dict]:
     rows = []
     for r in results:
         for j, b in enumerate(r.blocks):
-            row = {"run": r.name, "variant": r.variant, "step": r.step, "block": b,
-                   "dispersed": b in r.disp_blocks}
+            row = {
+                "run": r.name,
+                "variant": r.variant,
+                "step": r.step,
+                "block": b,
+                "dispersed": b in r.disp_blocks,
+            }
             for key in _KEY_COLUMNS:
                 if key in r.values:
                     row[key] = float(np.asarray(r.values[key])[:, j].mean())
@@ -130,8 +145,12 @@ def key_numbers_html(rows: Sequence[dict]) -> str:
     head += "".join(f"<th>{html.escape(_KEY_COLUMNS[k])}</th>" for k in cols)
     body = []
     for r in rows:
-        cells = [html.escape(str(r["run"])), html.escape(r["variant"]), str(r["step"]),
-                 f"{r['block']}{' *' if r['dispersed'] else ''}"]
+        cells = [
+            html.escape(str(r["run"])),
+            html.escape(r["variant"]),
+            str(r["step"]),
+            f"{r['block']}{' *' if r['dispersed'] else ''}",
+        ]
         cells += [f"{r[k]:.4g}" if k in r else "" for k in cols]
         cls = " class='disp'" if r["dispersed"] else ""
         body.append(f"<tr{cls}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
@@ -167,13 +186,22 @@ def _intro(options: Options, results: Sequence[RunMetrics], elapsed: float | Non
     data = "each run's data configuration" if options.data == "config" else options.data
     text = (
         f"{len(results)} run(s): "
-        + "; ".join(f"{r.name} (step {r.step}, dispersive loss: {r.variant}"
-                    + (f" on block {','.join(map(str, r.disp_blocks))}" if r.disp_blocks else "")
-                    + ")" for r in results)
+        + "; ".join(
+            f"{r.name} (step {r.step}, dispersive loss: {r.variant}"
+            + (f" on block {','.join(map(str, r.disp_blocks))}" if r.disp_blocks else "")
+            + ")"
+            for r in results
+        )
         + f". {weights} weights; the same {options.examples} examples of {data} (seed {options.seed}), "
         f"the same noise and the same times t = {ts} for every run (SiT convention: t = 0 is pure "
         "noise, t = 1 is clean data). Distances are squared L2 divided by the feature size D; "
-        f"dispersive values use tau = {options.tau:g}, groups of {options.group_size}."
+        f"dispersive values use tau = {options.tau:g}, groups of {options.group_size}. "
+        + (
+            "Models fed the null label (unconditional)."
+            if options.unconditional
+            else "Models fed the true class label (their blocks carry it from the conditioning, so the "
+            "probes can read it; --unconditional feeds the null label)."
+        )
     )
     if elapsed is not None:
         text += f" Computed in {elapsed:.1f} s."
@@ -196,7 +224,7 @@ def default_out(paths: Sequence[str | os.PathLike]) -> pathlib.Path:
 def write_analysis(
     kind: str,
     paths: Sequence[str | os.PathLike],
-    options: Options = Options(),
+    options: Options | None = None,
     *,
     out: str | os.PathLike | None = None,
     step: int | None = None,
@@ -210,7 +238,7 @@ def write_analysis(
       run, overlaid), ``dynamics`` (every checkpoint of each run) or ``report`` (one page with
       norms, spectra, probes, a key-numbers table and, when `dynamics`, the training dynamics).
     - `paths`: run directories; all are analysed on identical inputs.
-    - `options`: times, examples, blocks, data, seeds (`Options`).
+    - `options`: times, examples, blocks, data, seeds (`Options`; None: the defaults).
     - `out`: output directory (default: `default_out(paths)`).
     - `step`: analyse this step instead of the latest (not for ``dynamics``).
     - `dynamics`: include the training dynamics in the ``report``.
@@ -219,6 +247,7 @@ def write_analysis(
 
     **Raises:** `AnalysisError`, `eqdisp.CheckpointError` or `eqdisp.DataError`, one line each.
     """
+    options = Options() if options is None else options
     if kind not in KINDS:
         raise AnalysisError(f"unknown analysis {kind!r}: expected one of {', '.join(KINDS)}")
     if not paths:

@@ -37,14 +37,24 @@ class _Common:
     """Examples per forward pass."""
     progress: bool = True
     """Show a progress bar on stderr."""
+    unconditional: bool = False
+    """Feed the null label instead of the class (probes then infer the label from x_t alone)."""
 
     def _options(self, **extra):
         from analysis import Options
 
         return Options(
-            t=self.t, examples=self.examples, blocks=self.blocks, ema=self.ema, seed=self.seed,
-            batch_size=self.batch_size, data=self.data, data_path=self.data_path,
-            progress=self.progress, **extra,
+            t=self.t,
+            examples=self.examples,
+            blocks=self.blocks,
+            ema=self.ema,
+            seed=self.seed,
+            batch_size=self.batch_size,
+            data=self.data,
+            data_path=self.data_path,
+            progress=self.progress,
+            unconditional=self.unconditional,
+            **extra,
         )
 
     def run(self) -> list[pathlib.Path]:
@@ -54,7 +64,9 @@ class _Common:
         kwargs = {"step": getattr(self, "step", None)} if kind != "dynamics" else {}
         if kind == "report":
             kwargs["dynamics"] = self.dynamics
-        return write_analysis(kind, self.runs, self._options(**self._extra()), out=self.out, **kwargs)
+        return write_analysis(
+            kind, self.runs, self._options(**self._extra()), out=self.out, **kwargs
+        )
 
     def _extra(self) -> dict:
         return {}

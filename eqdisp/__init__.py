@@ -6,6 +6,7 @@ The public API is re-exported here; the modules behind it are:
 - ``eqdisp.models``: the SiT/DiT transformer with typed activation taps.
 - ``eqdisp.transport``: SiT's interpolants and training loss (the time convention is documented there).
 - ``eqdisp.samplers``: ODE/SDE samplers and classifier-free guidance.
+- ``eqdisp.diffusion``: DiT's Gaussian diffusion (eps prediction, learned variance, DDPM).
 - ``eqdisp.objective``: the training loss, diffusion + lambda x dispersive.
 - ``eqdisp.train``: the train state, the compiled step, Orbax checkpoints and the loop.
 - ``eqdisp.data``, ``eqdisp.sharding``: Grain pipelines; device meshes and shardings.
@@ -74,7 +75,17 @@ from .models import (
 from .models import (
     parse_model_name as parse_model_name,
 )
-from .objective import diffusion_loss as diffusion_loss
+from .diffusion import (
+    GaussianDiffusion as GaussianDiffusion,
+    ddpm_sample as ddpm_sample,
+    make_diffusion as make_diffusion,
+)
+from .objective import (
+    Objective as Objective,
+    diffusion_loss as diffusion_loss,
+    draw_samples as draw_samples,
+    make_objective as make_objective,
+)
 from .samplers import (
     cfg_velocity as cfg_velocity,
 )

@@ -452,11 +452,12 @@ PRESETS: dict[str, tuple[str, ExperimentConfig]] = {
     ),
     **{
         f"{fam.lower()}-{size.lower()}{patch}": (
-            f"{fam}-{size}/{patch} on ImageNet 256 latents, paper Table 8 settings.",
+            f"{fam}-{size}/{patch} on ImageNet 256 latents, paper Table 8 settings"
+            + (" (DiT's diffusion: eps prediction, learned variance, DDPM sampling)." if fam == "DiT" else "."),
             _paper(f"{fam}-{size}/{patch}"),
         )
-        # DiT presets arrive with DiT's Gaussian diffusion objective; SiT's transport would be wrong.
-        for fam in ("SiT",)
+        # DiT models train with DiT's Gaussian diffusion (eqdisp.objective.make_objective).
+        for fam in ("SiT", "DiT")
         for size in ("S", "B", "L", "XL")
         for patch in (2, 4, 8)
     },

@@ -444,12 +444,10 @@ def _guided_network(model, y, *, channels, scale, null_label, cfg_channels):
             raise ConfigError(
                 "null_label=None is not allowed: the model has no num_classes; pass null_label"
             )
-    guided_channels = channels if cfg_channels is None else int(cfg_channels)
-    if not 1 <= guided_channels <= channels:
-        raise ConfigError(
-            f"cfg_channels={cfg_channels!r} is not allowed: expected None or 1..{channels} "
-            "(only eps channels are guided)"
-        )
+    if cfg_channels is not None and cfg_channels < 1:
+        raise ConfigError(f"cfg_channels={cfg_channels!r} is not allowed: expected None or >= 1")
+    # Like DiT's model_out[:, :3]: with fewer eps channels than that, all of them are guided.
+    guided_channels = channels if cfg_channels is None else min(int(cfg_channels), channels)
 
     def forward(x, t, labels):
         return jax.vmap(lambda xi, yi: model(xi, t, yi))(x, labels).astype(jnp.float32)
@@ -520,7 +518,7 @@ def ddpm_sample(
     - `steps`: the respacing, an int or a string for :func:`space_timesteps` (DiT: 250).
     - `cfg_scale`: classifier-free guidance scale; exactly 1 runs only the conditional model.
     - `cfg_channels`: guide only eps channels ``[:cfg_channels]`` (3 is DiT's GLIDE leftover);
-      ``None`` guides all eps channels. The variance channels are never guided.
+      ``None`` (or a number >= C) guides all eps channels. The variance channels are never guided.
     - `null_label`: the unconditional label; defaults to ``model.num_classes``.
 
     **Returns:**

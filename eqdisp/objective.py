@@ -16,9 +16,50 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from .config import DispConfig
+from .config import DispConfig, ExperimentConfig, SamplerConfig
+from .diffusion import GaussianDiffusion, ddpm_sample, make_diffusion
 from .dispersive import contrastive_loss, dispersive_loss
-from .transport import Transport
+from .models import parse_model_name
+from .samplers import sample
+from .transport import Transport, make_transport
+
+Objective = Transport | GaussianDiffusion
+"""What a model is trained with: SiT's interpolant (``Transport``) or DiT's ``GaussianDiffusion``.
+Both offer ``sample_train_time``, ``interpolate``, ``loss`` and ``train_interval``."""
+
+
+def make_objective(cfg: ExperimentConfig) -> Objective:
+    """The objective of the references for this model: DiT's diffusion for DiT, SiT's transport else."""
+    if parse_model_name(cfg.model.name).family == "DiT":
+        return make_diffusion(learn_sigma=cfg.model.learn_sigma)
+    return make_transport(cfg.transport)
+
+
+def draw_samples(
+    model: eqx.Module,
+    x_init: Float[Array, "batch c h w"],
+    y: Int[Array, " batch"],
+    *,
+    key: PRNGKeyArray,
+    objective: Objective,
+    config: SamplerConfig,
+) -> Float[Array, "batch c h w"]:
+    """Samples with the sampler that matches the objective: SiT's ODE/SDE or DiT's DDPM.
+
+    For DiT, ``config.steps`` is the number of respaced DDPM steps (DiT's ``--num-sampling-steps``).
+    """
+    if isinstance(objective, GaussianDiffusion):
+        return ddpm_sample(
+            model,
+            x_init,
+            y,
+            key=key,
+            diffusion=objective,
+            steps=config.steps,
+            cfg_scale=config.cfg_scale,
+            cfg_channels=config.cfg_channels,
+        )
+    return sample(model, x_init, y, key=key, transport=objective, config=config)
 
 
 def regularizer(
@@ -66,14 +107,19 @@ def regularizer(
 
 
 def _second_view_time(
-    key: PRNGKeyArray, t: Float[Array, " batch"], disp: DispConfig, interval: tuple[float, float]
+    key: PRNGKeyArray, t: Float[Array, " batch"], disp: DispConfig, objective: Objective
 ) -> Float[Array, " batch"]:
-    t0, t1 = interval
+    t0, t1 = objective.train_interval
     if disp.contrastive == "independent":
-        return jr.uniform(key, t.shape, minval=t0, maxval=t1)
-    # "restricted": the second view's noise level differs by at most contrastive_max_dt (Sec. 4.2).
-    delta = jr.uniform(key, t.shape, minval=-disp.contrastive_max_dt, maxval=disp.contrastive_max_dt)
-    return jnp.clip(t + delta, t0, t1)
+        t_pos = jr.uniform(key, t.shape, minval=t0, maxval=t1)
+    else:
+        # "restricted": the noise levels differ by at most contrastive_max_dt (Sec. 4.2), as a
+        # fraction of the time range (0.005 of SiT's [0, 1]; 5 of DiT's 1000 steps).
+        width = disp.contrastive_max_dt * (t1 - t0)
+        t_pos = jnp.clip(t + jr.uniform(key, t.shape, minval=-width, maxval=width), t0, t1)
+    if isinstance(objective, GaussianDiffusion):  # DiT's steps are integers
+        t_pos = jnp.round(t_pos)
+    return t_pos
 
 
 def diffusion_loss(
@@ -82,7 +128,7 @@ def diffusion_loss(
     y: Int[Array, " batch"],
     *,
     key: PRNGKeyArray,
-    transport: Transport,
+    transport: Objective,
     disp: DispConfig,
 ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
     """SiT training loss with the Dispersive Loss on the configured blocks.
@@ -93,7 +139,7 @@ def diffusion_loss(
     - `x1`: a batch of data (images or latents); eqdisp's time convention is in ``eqdisp.transport``.
     - `y`: class labels.
     - `key`: randomness for the noise, the times and label dropout.
-    - `transport`: the interpolant, prediction type and time interval.
+    - `transport`: the objective: SiT's interpolant (``Transport``) or DiT's ``GaussianDiffusion``.
     - `disp`: the dispersive-loss configuration.
 
     **Returns:**
@@ -125,7 +171,7 @@ def diffusion_loss(
     else:
         key_noise2, key_time2 = jr.split(key_view)
         x0_pos = jr.normal(key_noise2, x1.shape, x1.dtype)
-        t_pos = _second_view_time(key_time2, t, disp, transport.train_interval)
+        t_pos = _second_view_time(key_time2, t, disp, transport)
         _, taps_pos = jax.vmap(forward)(x0_pos, x1, t_pos, y, drop_keys)
         blocks_pos = jnp.stack([taps_pos.blocks[:, i] for i in indices], axis=1)
         loss_disp = regularizer(blocks, disp, blocks_pos)

@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-
 # ----------------------------------------------------------------------------------------------
 # Known answers of the reductions
 
@@ -44,7 +43,9 @@ def test_effective_rank_of_orthogonal_matrix_is_its_rank():
     assert float(effective_rank(s)) == pytest.approx(12.0, rel=1e-5)
     # 5 orthonormal rows of a 12-d space, padded with 3 zero rows: rank 5.
     rows = jnp.asarray(np.concatenate([q[:5], np.zeros((3, 12))]), jnp.float32)
-    assert float(effective_rank(singular_values(rows, center=False))) == pytest.approx(5.0, rel=1e-4)
+    assert float(effective_rank(singular_values(rows, center=False))) == pytest.approx(
+        5.0, rel=1e-4
+    )
     # Singular values match NumPy's on a generic (centred) matrix.
     z = np.random.default_rng(1).normal(size=(6, 3, 4)).astype(np.float32)
     flat = z.reshape(6, -1)
@@ -122,8 +123,24 @@ def runs(tmp_path_factory):
 
 
 def _argv(kind, runs, out, *extra):
-    return [kind, str(runs / "base"), str(runs / "disp"), "--out", str(out), "--examples", "32",
-            "--t", "0.2", "0.8", "--group-size", "8", "--folds", "2", "--no-progress", *extra]
+    return [
+        kind,
+        str(runs / "base"),
+        str(runs / "disp"),
+        "--out",
+        str(out),
+        "--examples",
+        "32",
+        "--t",
+        "0.2",
+        "0.8",
+        "--group-size",
+        "8",
+        "--folds",
+        "2",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_cli_report_end_to_end(runs, tmp_path, capsys):
@@ -138,7 +155,9 @@ def test_cli_report_end_to_end(runs, tmp_path, capsys):
     data = json.loads((tmp_path / "report.json").read_text())
     assert [r["name"] for r in data["runs"]] == ["base", "disp"]
     base, disp = data["runs"]
-    assert base["variant"] == "none" and disp["variant"] == "infonce_l2" and disp["disp_blocks"] == [1]
+    assert (
+        base["variant"] == "none" and disp["variant"] == "infonce_l2" and disp["disp_blocks"] == [1]
+    )
     assert np.asarray(base["values"]["norm_example"]).shape == (2, 6)
     assert np.asarray(base["values"]["probe_accuracy"]).shape == (2, 6)
     assert [m["step"] for m in data["dynamics"][0]] == [1, 2]
@@ -147,7 +166,9 @@ def test_cli_report_end_to_end(runs, tmp_path, capsys):
     assert not np.allclose(base["values"]["norm_example"], disp["values"]["norm_example"])
     for run in ("base", "disp"):
         for b in range(1, 7):
-            assert page.count(f'"name":"{run} \\u00b7 block {b}') > 0 or f"{run} · block {b}" in page
+            assert (
+                page.count(f'"name":"{run} \\u00b7 block {b}') > 0 or f"{run} · block {b}" in page
+            )
     csv_lines = (tmp_path / "report.csv").read_text().splitlines()
     assert csv_lines[0].startswith("run,variant,step,block") and len(csv_lines) == 13
 
@@ -159,7 +180,10 @@ def test_figures_one_trace_per_run_and_block(runs):
     results = analyze_runs([runs / "base", runs / "disp"], opts)
     fig = metric_vs_t(results, "effective_rank")
     assert [tr.name for tr in fig.data] == [
-        "base · block 1", "base · block 3", "disp · block 1 (dispersed)", "disp · block 3"
+        "base · block 1",
+        "base · block 3",
+        "disp · block 1 (dispersed)",
+        "disp · block 3",
     ]
     assert len(singular_spectrum(results).data) == 4
     norms = figures("norms", results)

@@ -643,22 +643,6 @@ def test_objective_wiring_with_gaussian_diffusion(dit_batch, getkey):
     )
 
 
-def _objective_annotation_accepts_diffusion() -> bool:
-    import typing
-
-    import eqdisp.objective
-    from eqdisp.diffusion import GaussianDiffusion
-
-    hint = inspect.signature(eqdisp.objective.diffusion_loss).parameters["transport"].annotation
-    return GaussianDiffusion in (typing.get_args(hint) or (hint,))
-
-
-@pytest.mark.xfail(
-    condition="not _objective_annotation_accepts_diffusion()",
-    reason="objective.diffusion_loss annotates transport: Transport; widen it to "
-    "Transport | GaussianDiffusion (runtime type checking rejects the duck type)",
-    strict=True,
-)
 def test_objective_diffusion_loss_accepts_gaussian_diffusion(dit_batch, getkey):
     import eqdisp.objective
     from eqdisp.config import DispConfig

@@ -115,6 +115,19 @@ def test_restricted_second_view_stays_close(getkey):
     from eqdisp.objective import _second_view_time
 
     t = jr.uniform(getkey(), (4096,))
-    t_pos = _second_view_time(getkey(), t, DispConfig(contrastive="restricted"), (0.0, 1.0))
+    disp = DispConfig(contrastive="restricted")
+    t_pos = _second_view_time(getkey(), t, disp, eqdisp.make_transport(TransportConfig()))
     assert float(jnp.max(jnp.abs(t_pos - t))) <= 0.005 + 1e-7
     assert float(jnp.min(t_pos)) >= 0.0 and float(jnp.max(t_pos)) <= 1.0
+    # DiT: integer steps in [0, 999], within 0.005 of the range (5 steps).
+    steps = jnp.round(t * 999)
+    s_pos = _second_view_time(getkey(), steps, disp, eqdisp.make_diffusion())
+    assert jnp.array_equal(s_pos, jnp.round(s_pos)) and float(jnp.max(jnp.abs(s_pos - steps))) <= 5
+
+
+def test_dit_models_train_with_dits_diffusion():
+    from eqdisp.config import ExperimentConfig, ModelConfig
+    from eqdisp.diffusion import GaussianDiffusion
+
+    assert isinstance(eqdisp.make_objective(ExperimentConfig(model=ModelConfig("DiT-B/2"))), GaussianDiffusion)
+    assert isinstance(eqdisp.make_objective(ExperimentConfig()), eqdisp.Transport)

@@ -37,9 +37,8 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ..config import SamplerConfig
 from ..images import save_grid, to_uint8
-from ..samplers import sample
+from ..objective import Objective, draw_samples, make_objective
 from ..sharding import batch_sharding, make_mesh, replicated
-from ..transport import Transport, make_transport
 from ._npz import EvalError, iter_npz, write_npz
 
 Decoder = Callable[[Float[Array, "batch c h w"]], Float[Array, "batch c2 h2 w2"]]
@@ -60,7 +59,7 @@ def _sample_batch(
     key: PRNGKeyArray,
     y: Int[Array, " batch"],
     *,
-    transport: Transport,
+    transport: Objective,
     config: SamplerConfig,
     shape: tuple[int, int, int],
     sharding: jax.sharding.Sharding,
@@ -69,7 +68,7 @@ def _sample_batch(
     key_noise, key_sde = jr.split(key)
     x = jr.normal(key_noise, (y.shape[0], *shape), jnp.float32)
     x = jax.lax.with_sharding_constraint(x, sharding)
-    out = sample(model, x, y, key=key_sde, transport=transport, config=config)
+    out = draw_samples(model, x, y, key=key_sde, objective=transport, config=config)
     return out if decoder is None else decoder(out)
 
 
@@ -241,7 +240,7 @@ def generate(
     model = ckpt.ema if use_ema else ckpt.model
     params, static = eqx.partition(model, eqx.is_array)
     model = eqx.combine(jax.device_put(params, replicated(mesh)), static)
-    transport = make_transport(cfg.transport)
+    transport = make_objective(cfg)
     shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
     root = jr.key(seed)
     bar = _Progress(num, min(resumed * batch_size, num), progress and writer)

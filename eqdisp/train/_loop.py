@@ -22,9 +22,8 @@ from ..config import ConfigError, ExperimentConfig
 from ..data import make_dataset
 from ..images import save_grid
 from ..models import make_model
-from ..samplers import sample
+from ..objective import draw_samples, make_objective
 from ..sharding import global_batch, initialize_distributed, make_mesh, shard_state
-from ..transport import make_transport
 from ._checkpoint import Checkpointer, config_to_dict
 from ._step import TrainState, init_train_state, make_optimizer, make_train_step
 
@@ -105,7 +104,9 @@ def _write_samples(state: TrainState, cfg: ExperimentConfig, transport, path: pa
     shape = (count, cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
     key_noise, key_sde = jr.split(jr.key(cfg.train.seed + 1))  # the same noise at every grid
     x_init = jr.normal(key_noise, shape)
-    images = sample(state.ema_model, x_init, y, key=key_sde, transport=transport, config=cfg.sampler)
+    images = draw_samples(
+        state.ema_model, x_init, y, key=key_sde, objective=transport, config=cfg.sampler
+    )
     if jax.process_index() == 0:
         save_grid(np.asarray(images), path, columns=min(count, max(cfg.model.num_classes, 8)))
 
@@ -153,7 +154,7 @@ def train(cfg: ExperimentConfig) -> dict:
 
     mesh = make_mesh(run.fsdp)
     key_model, key_train = jr.split(jr.key(run.seed))
-    transport = make_transport(cfg.transport)
+    transport = make_objective(cfg)
     optimizer = make_optimizer(cfg.optim)
     state = init_train_state(make_model(cfg.model, key=key_model), optimizer, key=key_train)
     state = shard_state(state, mesh)
