@@ -22,7 +22,8 @@ class EvaluateArgs:
     """ADM sample batch: ``.npz`` with ``arr_0`` uint8 (N, H, W, C)."""
     ref: str = "digits"
     """Reference: ``digits`` (all 1,797 bundled digits), ``digits-test`` (the 297 the classifier did not
-    train on), or an ADM reference batch ``.npz`` (``arr_0`` and/or ``mu``, ``sigma``, ``mu_s``, ``sigma_s``)."""
+    train on), an ADM reference batch ``.npz`` (``arr_0`` and/or ``mu``, ``sigma``, ``mu_s``, ``sigma_s``), or an
+    image folder (ImageNet layout, ADM centre crop to the samples' size)."""
     features: Literal["classifier", "inception"] = "classifier"
     """Feature extractor: the bundled-digits classifier (FID-classifier) or Inception-v3 (FID)."""
     inception_weights: str | None = None

@@ -55,6 +55,7 @@ import os
 import pathlib
 import struct
 import zipfile
+from collections.abc import Iterator
 from typing import Any
 
 import grain
@@ -223,22 +224,38 @@ class _FolderSource:
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def read(self, index: int) -> UInt8[np.ndarray, "h w 3"]:
+        """The ADM centre crop of image `index`, uint8 RGB."""
         file = self.files[index]
         try:
             with Image.open(file) as image:
-                crop = adm_center_crop(image.convert("RGB"), self.image_size)
+                return np.asarray(adm_center_crop(image.convert("RGB"), self.image_size))
         except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... for bad files
             raise DataError(
                 f"data.path={self.path}: cannot read image {file}: {_one_line(e)}"
             ) from None
-        return {"x": to_unit_range(np.asarray(crop)), "y": self.labels[index]}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"x": to_unit_range(self.read(index)), "y": self.labels[index]}
 
     def __repr__(self) -> str:
         return (
             f"ImageFolderSource(path={self.path!r}, image_size={self.image_size}, "
             f"classes={len(self.classes)}, n={len(self)})"
         )
+
+
+def iter_image_folder(
+    path: str | os.PathLike, image_size: int, batch_size: int
+) -> Iterator[UInt8[np.ndarray, "batch h w 3"]]:
+    """An ImageNet-layout folder as uint8 NHWC batches of ADM centre crops, in file order.
+
+    This is how an image folder becomes a reference batch for ``eqdisp.eval.evaluate``.
+    """
+    source = _FolderSource(str(path), image_size)
+    for start in range(0, len(source), batch_size):
+        stop = min(start + batch_size, len(source))
+        yield np.stack([source.read(i) for i in range(start, stop)])
 
 
 # ----------------------------------------------------------------------------------------------

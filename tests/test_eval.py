@@ -226,3 +226,43 @@ def test_evaluate_rejects_non_uint8_samples(tmp_path):
         evaluate(tmp_path / "f.npz", "digits")
     with pytest.raises(EvalError, match="no such file"):
         evaluate(tmp_path / "missing.npz", "digits")
+
+
+class _ColourFeatures:
+    """A transparent extractor for tests: per-channel means and standard deviations."""
+
+    name = "colour-moments"
+    adm_compatible = False
+
+    def __call__(self, images):
+        from eqdisp.eval import Features
+
+        x = images.astype(np.float64) / 255.0
+        pool = np.concatenate([x.mean(axis=(1, 2)), x.std(axis=(1, 2))], axis=1)
+        return Features(pool=pool, spatial=None, probs=None)
+
+
+def test_an_image_folder_is_a_reference(tmp_path, cache_home):
+    """A folder of images is read with the ADM centre crop to the samples' size, like a ref npz."""
+    from PIL import Image
+
+    from eqdisp.data import adm_center_crop
+    from eqdisp.eval import EvalError, evaluate, reference_stats, write_npz
+
+    rng = np.random.default_rng(0)
+    crops = []
+    for label in ("a", "b"):
+        (tmp_path / "ref" / label).mkdir(parents=True)
+        for i in range(6):
+            pixels = rng.integers(0, 256, (20 + 3 * i, 17 + 2 * i, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "ref" / label / f"{i}.png")
+            crops.append(np.asarray(adm_center_crop(Image.fromarray(pixels), 8)))
+    write_npz(tmp_path / "same.npz", {"arr_0": np.stack(crops)})
+
+    stats = reference_stats(str(tmp_path / "ref"), _ColourFeatures(), image_size=8, cache=False)
+    expected = _ColourFeatures()(np.stack(crops)).pool
+    np.testing.assert_allclose(stats.pool.mu, expected.mean(axis=0), rtol=1e-12)
+    report = evaluate(tmp_path / "same.npz", str(tmp_path / "ref"), features=_ColourFeatures(), cache=False)
+    assert abs(report["fid"]) < 1e-6
+    with pytest.raises(EvalError, match="image folder"):
+        reference_stats(str(tmp_path / "ref"), _ColourFeatures(), cache=False)

@@ -394,24 +394,33 @@ def _digits_images(which: str) -> np.ndarray:
     return to_uint8(images)
 
 
-def _reference_id(ref: str) -> str:
+def _reference_id(ref: str, image_size: int | None) -> str:
     if ref in DIGITS_REFERENCES:
         return ref
     path = pathlib.Path(ref).absolute()
     st = path.stat()
-    digest = hashlib.sha256(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return f"{path.stem}-{digest}"
+    stamp = f"{path}:{st.st_size}:{st.st_mtime_ns}:{image_size if path.is_dir() else ''}"
+    return f"{path.stem}-{hashlib.sha256(stamp.encode()).hexdigest()[:16]}"
 
 
-def _reference_batches(ref: str, batch_size: int) -> Iterator[np.ndarray]:
+def _reference_batches(ref: str, batch_size: int, image_size: int | None) -> Iterator[np.ndarray]:
     if ref in DIGITS_REFERENCES:
         images = _digits_images(ref)
         return (images[i : i + batch_size] for i in range(0, len(images), batch_size))
+    if pathlib.Path(ref).is_dir():
+        from ..data import iter_image_folder
+
+        return iter_image_folder(ref, image_size, batch_size)
     return iter_npz(ref, "arr_0", batch_size)
 
 
 def reference_stats(
-    ref: str, extractor: FeatureExtractor, *, batch_size: int = 256, cache: bool = True
+    ref: str,
+    extractor: FeatureExtractor,
+    *,
+    batch_size: int = 256,
+    cache: bool = True,
+    image_size: int | None = None,
 ) -> ReferenceStats:
     """Statistics of a reference, from the cache when possible.
 
@@ -421,16 +430,22 @@ def reference_stats(
       see in training), or an ADM reference batch ``.npz`` with ``arr_0`` (uint8 NHWC images)
       and/or precomputed ``mu``, ``sigma`` (``mu_s``, ``sigma_s``). Stored statistics are used
       only with an `adm_compatible` extractor (they are Inception statistics); otherwise they are
-      computed from ``arr_0``.
+      computed from ``arr_0``. Or an image folder (ImageNet layout ``ref/<class>/<image>``),
+      ADM-centre-cropped to `image_size` (the samples' resolution).
     - `extractor`: the feature extractor.
     - `batch_size`: images per extractor call.
     - `cache`: read and write ``cache_dir()/references/<extractor>/<reference>.npz``.
+    - `image_size`: the crop size of an image-folder reference.
     """
-    is_file = ref not in DIGITS_REFERENCES
+    is_dir = ref not in DIGITS_REFERENCES and pathlib.Path(ref).is_dir()
+    is_file = ref not in DIGITS_REFERENCES and not is_dir
     if is_file and not pathlib.Path(ref).is_file():
         raise EvalError(
-            f"reference {ref!r}: no such file (expected an ADM .npz or one of {', '.join(DIGITS_REFERENCES)})"
+            f"reference {ref!r}: no such file or folder (expected an ADM .npz, an image folder, or "
+            f"one of {', '.join(DIGITS_REFERENCES)})"
         )
+    if is_dir and image_size is None:
+        raise EvalError(f"reference {ref!r} is an image folder: give the image size to crop it to")
     keys = npz_keys(ref) if is_file else ["arr_0"]
     stored = None
     if is_file and extractor.adm_compatible and "mu" in keys and "sigma" in keys:
@@ -446,14 +461,14 @@ def reference_stats(
             + (" (its mu/sigma are Inception statistics)" if "mu" in keys else "")
         )
 
-    file = cache_dir() / "references" / extractor.name / f"{_reference_id(ref)}.npz"
+    file = cache_dir() / "references" / extractor.name / f"{_reference_id(ref, image_size)}.npz"
     if cache and file.is_file():
         got = npz_keys(file)
         pool = FeatureStats.load(file, prefix="pool_")
         spatial = FeatureStats.load(file, prefix="spatial_") if "spatial_mu" in got else None
         feats = read_npz(file, "pool_features")
     else:
-        features, _ = extract(extractor, _reference_batches(ref, batch_size))
+        features, _ = extract(extractor, _reference_batches(ref, batch_size, image_size))
         pool = FeatureStats.from_features(features.pool)
         spatial = None if features.spatial is None else FeatureStats.from_features(features.spatial)
         feats = features.pool.astype(np.float32)
@@ -517,7 +532,9 @@ def evaluate(
         )
     extractor = resolve_extractor(features, inception_weights=inception_weights)
     say(f"reference {ref}: {extractor.name} statistics")
-    reference = reference_stats(ref, extractor, batch_size=batch_size, cache=cache)
+    reference = reference_stats(
+        ref, extractor, batch_size=batch_size, cache=cache, image_size=shape[1]
+    )
     say(f"samples {samples}: {extractor.name} features of {shape[0] if limit is None else min(limit, shape[0])} images")
     feats, count = extract(extractor, iter_npz(samples, "arr_0", batch_size, limit=limit))
     extracted = time.perf_counter()
