@@ -477,9 +477,20 @@ def _split_output(out, channels, learn_sigma):
     return out[:, :channels], (out[:, channels:] if learn_sigma else None)
 
 
-def _per_step(tables: DiffusionTables, names: tuple[str, ...]) -> dict[str, Array]:
-    # Step i of the scan is respaced step steps-1-i: the tables reversed, as float32 constants.
-    return {name: jnp.asarray(tables.float32(name)[::-1].copy()) for name in names}
+def _scan_inputs(
+    diffusion: GaussianDiffusion, steps: int | str, key: PRNGKeyArray, names: tuple[str, ...]
+) -> dict[str, Array]:
+    """Per-step inputs of a respaced sampler's ``lax.scan``: the named tables, the original
+    timestep the model sees, whether noise is added (not at the last step), and a key."""
+    timestep_map, tables = diffusion.respaced(steps)
+    n = len(timestep_map)
+    # Step i of the scan is respaced step n-1-i: the tables reversed, as float32 constants.
+    return {
+        **{name: jnp.asarray(tables.float32(name)[::-1].copy()) for name in names},
+        "t_model": jnp.asarray(np.asarray(timestep_map[::-1], np.float32)),
+        "noise_scale": jnp.asarray((np.arange(n)[::-1] != 0).astype(np.float32)),
+        "key": jr.split(key, n),
+    }
 
 
 @eqx.filter_jit
@@ -527,8 +538,6 @@ def ddpm_sample(
     the steps, the model vmapped over the batch (doubled under guidance).
     """
     channels = x_init.shape[1]
-    timestep_map, tables = diffusion.respaced(steps)
-    n = len(timestep_map)
     network = _guided_network(
         model,
         y,
@@ -542,8 +551,10 @@ def ddpm_sample(
         if diffusion.learn_sigma
         else ("fixed_large_log_variance",)
     )
-    coefs = _per_step(
-        tables,
+    xs = _scan_inputs(
+        diffusion,
+        steps,
+        key,
         (
             "sqrt_recip_alphas_cumprod",
             "sqrt_recipm1_alphas_cumprod",
@@ -552,12 +563,6 @@ def ddpm_sample(
             *var_names,
         ),
     )
-    xs = {
-        **coefs,
-        "t_model": jnp.asarray(np.asarray(timestep_map[::-1], np.float32)),
-        "noise_scale": jnp.asarray((np.arange(n)[::-1] != 0).astype(np.float32)),
-        "key": jr.split(key, n),
-    }
 
     def step(x, c):
         eps, v = _split_output(network(x, c["t_model"]), channels, diffusion.learn_sigma)
@@ -599,8 +604,6 @@ def ddim_sample(
     are ignored. Other arguments: :func:`ddpm_sample`.
     """
     channels = x_init.shape[1]
-    timestep_map, tables = diffusion.respaced(steps)
-    n = len(timestep_map)
     network = _guided_network(
         model,
         y,
@@ -609,8 +612,10 @@ def ddim_sample(
         null_label=null_label,
         cfg_channels=cfg_channels,
     )
-    coefs = _per_step(
-        tables,
+    xs = _scan_inputs(
+        diffusion,
+        steps,
+        key,
         (
             "sqrt_recip_alphas_cumprod",
             "sqrt_recipm1_alphas_cumprod",
@@ -618,12 +623,6 @@ def ddim_sample(
             "alphas_cumprod_prev",
         ),
     )
-    xs = {
-        **coefs,
-        "t_model": jnp.asarray(np.asarray(timestep_map[::-1], np.float32)),
-        "noise_scale": jnp.asarray((np.arange(n)[::-1] != 0).astype(np.float32)),
-        "key": jr.split(key, n),
-    }
     eta = jnp.asarray(eta, jnp.float32)
 
     def step(x, c):
