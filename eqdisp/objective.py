@@ -63,44 +63,37 @@ def draw_samples(
 
 
 def regularizer(
-    blocks: Float[Array, "batch n_blocks tokens dim"],
+    blocks: Float[Array, "batch depth tokens dim"],
     disp: DispConfig,
-    blocks_pos: Float[Array, "batch n_blocks tokens dim"] | None = None,
+    blocks_pos: Float[Array, "batch depth tokens dim"] | None = None,
 ) -> Float[Array, ""]:
-    """The dispersive (or, given ``blocks_pos``, contrastive) term, averaged over the tapped blocks.
+    """The dispersive (or, given ``blocks_pos``, contrastive) term, averaged over the blocks that
+    ``disp.blocks`` selects.
 
     **Arguments:**
 
-    - `blocks`: the regularised block outputs of the whole local batch.
+    - `blocks`: ``Taps.blocks`` of the whole batch (every block's output).
     - `disp`: the dispersive-loss configuration.
-    - `blocks_pos`: the same blocks for the second (positive) view, for the contrastive variants.
+    - `blocks_pos`: the same for the second (positive) view, for the contrastive variants.
 
     **Returns:**
 
     The unweighted regulariser, a float32 scalar.
     """
+    options = {"tau": disp.tau, "group_size": disp.group_size, "margin": disp.margin}
     losses = []
-    for b in range(blocks.shape[1]):
+    # Static slices: XLA keeps only the tapped blocks alive.
+    for b in disp.block_indices(blocks.shape[1]):
         if blocks_pos is None:
-            losses.append(
-                dispersive_loss(
-                    blocks[:, b],
-                    disp.variant,
-                    tau=disp.tau,
-                    group_size=disp.group_size,
-                    margin=disp.margin,
-                )
-            )
+            losses.append(dispersive_loss(blocks[:, b], disp.variant, **options))
         else:
             losses.append(
                 contrastive_loss(
                     blocks[:, b],
                     blocks_pos[:, b],
                     disp.variant,
-                    tau=disp.tau,
-                    group_size=disp.group_size,
-                    margin=disp.margin,
                     offdiag_weight=disp.offdiag_weight,
+                    **options,
                 )
             )
     return jnp.mean(jnp.stack(losses))
@@ -163,17 +156,13 @@ def diffusion_loss(
     if not disp.active:
         return loss_diff, {"loss_diff": loss_diff, "loss_disp": jnp.zeros((), jnp.float32)}
 
-    # Static slices, so XLA only keeps the tapped blocks alive.
-    indices = disp.block_indices(model.depth)
-    blocks = jnp.stack([taps.blocks[:, i] for i in indices], axis=1)
     if disp.contrastive == "off":
-        loss_disp = regularizer(blocks, disp)
+        loss_disp = regularizer(taps.blocks, disp)
     else:
         key_noise2, key_time2 = jr.split(key_view)
         x0_pos = jr.normal(key_noise2, x1.shape, x1.dtype)
         t_pos = _second_view_time(key_time2, t, disp, transport)
         _, taps_pos = jax.vmap(forward)(x0_pos, x1, t_pos, y, drop_keys)
-        blocks_pos = jnp.stack([taps_pos.blocks[:, i] for i in indices], axis=1)
-        loss_disp = regularizer(blocks, disp, blocks_pos)
+        loss_disp = regularizer(taps.blocks, disp, taps_pos.blocks)
     loss = loss_diff + disp.weight * loss_disp
     return loss, {"loss_diff": loss_diff, "loss_disp": loss_disp}
