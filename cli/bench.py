@@ -21,6 +21,8 @@ class Step:
     disp: DispConfig = DispConfig()
     dtype: Literal["float32", "bfloat16"] = "float32"
     block_impl: Literal["scan", "unroll"] = "scan"
+    attention: Literal["einsum", "xla", "cudnn"] = "einsum"
+    """Attention kernel (``cudnn``: flash attention on NVIDIA GPUs, with ``--dtype bfloat16``)."""
     steps: int = 5
     """Timed steps (after 2 warm-up steps)."""
     json: pathlib.Path | None = None
@@ -31,7 +33,7 @@ class Step:
 
         return bench_step(
             self.model, self.batch, disp=self.disp, dtype=self.dtype, block_impl=self.block_impl,
-            steps=self.steps,
+            attention=self.attention, steps=self.steps,
         )
 
 

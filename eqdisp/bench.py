@@ -1,7 +1,8 @@
 """Benchmarks that print figures (never assert): train-step speed and MFU, dispersive overhead, sampling.
 
-MFU is measured against a matmul peak timed in the same process (a 2048x2048 float32 matmul), so a
-noisy machine moves both numbers together. Model FLOPs are counted by XLA from the compiled step
+MFU is measured against a matmul peak timed in the same process, in the step's compute dtype (a
+2048x2048 matmul on CPU, 8192x8192 on an accelerator), so a noisy machine moves both numbers
+together. Model FLOPs are counted by XLA from the compiled step
 (``cost_analysis``, for unrolled blocks only: XLA counts a scan body once) and analytically (3x the
 forward's matmul FLOPs, the convention of the PyTorch reference figures); GFLOP/s and MFU use the
 analytic count.
@@ -25,10 +26,15 @@ from .train import init_train_state, make_optimizer, make_train_step
 from .transport import make_transport
 
 
-def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
-    """Median GFLOP/s of a ``size x size`` float32 matmul on the default device."""
-    a = jr.normal(jr.key(0), (size, size), jnp.float32)
-    b = jr.normal(jr.key(1), (size, size), jnp.float32)
+def matmul_peak(size: int | None = None, repeats: int = 10, dtype: str = "float32") -> float:
+    """Median GFLOP/s of a ``size x size`` matmul on the default device (random data, never zeros).
+
+    ``size`` defaults to 2048 on CPU and 8192 elsewhere (large enough to fill a GPU).
+    """
+    if size is None:
+        size = 2048 if jax.default_backend() == "cpu" else 8192
+    a = jr.normal(jr.key(0), (size, size), dtype)
+    b = jr.normal(jr.key(1), (size, size), dtype)
     matmul = jax.jit(jnp.matmul)
     matmul(a, b).block_until_ready()
     times = []
@@ -61,13 +67,13 @@ def _timed(fn: Callable[[], object], steps: int) -> list[float]:
     return times
 
 
-def _setup(name: str, batch: int, disp: DispConfig, dtype: str, block_impl: str):
+def _setup(name: str, batch: int, disp: DispConfig, dtype: str, block_impl: str, attention: str = "einsum"):
     if disp.active and disp.group_size is not None and batch % disp.group_size:
         raise ConfigError(
             f"disp.group_size={disp.group_size} is not allowed: expected a divisor of --batch {batch}"
         )
     key_model, key_state, key_x = jr.split(jr.key(0), 3)
-    model = make_model(name, key=key_model, dtype=dtype, block_impl=block_impl)
+    model = make_model(name, key=key_model, dtype=dtype, block_impl=block_impl, attention=attention)
     optimizer = make_optimizer(OptimConfig())
     state = init_train_state(model, optimizer, key=key_state)
     step = make_train_step(optimizer, make_transport(TransportConfig()), disp, ema_decay=0.9999)
@@ -83,12 +89,13 @@ def bench_step(
     disp: DispConfig = DispConfig(),
     dtype: str = "float32",
     block_impl: str = "scan",
+    attention: str = "einsum",
     steps: int = 5,
     warmup: int = 2,
 ) -> dict:
     """Compile time, median step time, images/s, FLOPs, GFLOP/s, MFU and memory of one train step."""
-    peak = matmul_peak()
-    state, step, x, y = _setup(name, batch, disp, dtype, block_impl)
+    peak = matmul_peak(dtype=dtype)
+    state, step, x, y = _setup(name, batch, disp, dtype, block_impl, attention)
     start = time.perf_counter()
     with warnings.catch_warnings():  # the batch is donated too; no output can reuse it
         warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
@@ -112,12 +119,16 @@ def bench_step(
     flops_analytic = analytic_flops_per_image(name)
     achieved = flops_analytic * batch / step_s / 1e9
     gib = 2.0**30
+    device = jax.devices()[0]
+    device_peak = (device.memory_stats() or {}).get("peak_bytes_in_use")
     return {
         "model": name,
         "batch": batch,
         "variant": disp.variant if disp.active else "none",
         "dtype": dtype,
         "block_impl": block_impl,
+        "attention": attention,
+        "device": device.device_kind,
         "compile_s": round(compile_s, 2),
         "step_s_median": round(step_s, 4),
         "step_s_min": round(min(times), 4),
@@ -134,6 +145,7 @@ def bench_step(
             "outputs": round(memory.output_size_in_bytes / gib, 3),
             "temporaries": round(memory.temp_size_in_bytes / gib, 3),
             "process_peak_rss": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+            "device_peak": round(device_peak / gib, 3) if device_peak is not None else None,
         },
     }
 

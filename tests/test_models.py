@@ -107,6 +107,7 @@ def test_properties(getkey):
         ("SiT-T/2", {"dtype": "float16"}, "'float16'"),
         ("SiT-T/2", {"class_dropout_prob": 1.0}, "1.0"),
         ("SiT-T/2", {"depth": 3}, "depth"),
+        ("SiT-T/2", {"attention": "cudnn"}, "needs dtype bfloat16"),
     ],
 )
 def test_bad_names_and_configs(getkey, name, overrides, fragment):
@@ -334,6 +335,28 @@ def test_scan_equals_unroll(getkey):
     grad_s = eqx.filter_jit(eqx.filter_grad(loss))(scanned)
     for gu, gs in zip(jax.tree.leaves(grad_u), jax.tree.leaves(grad_s)):
         np.testing.assert_allclose(gu, gs, rtol=1e-4, atol=1e-6)
+
+
+def test_attention_implementations_agree(getkey):
+    """`jax.nn.dot_product_attention` (XLA) computes what the einsum attention computes."""
+    init_key, noise_key = getkey(), getkey()
+    einsum, xla = (
+        _perturb(_tiny(lambda: init_key, attention=impl), noise_key) for impl in ("einsum", "xla")
+    )
+    xs = jax.random.normal(getkey(), (3, 4, 8, 8), jnp.float32)
+    ts = jnp.array([0.1, 0.5, 0.9], jnp.float32)
+    ys = jnp.array([0, 5, 10], jnp.int32)
+
+    def loss(model):
+        out, taps = jax.vmap(model.forward_with_taps)(xs, ts, ys)
+        return jnp.mean(jnp.square(out)) + jnp.mean(jnp.square(taps.blocks))
+
+    values = [eqx.filter_jit(eqx.filter_value_and_grad(loss))(m) for m in (einsum, xla)]
+    (value_e, grad_e), (value_x, grad_x) = values
+    assert float(value_e) > 1e-3
+    np.testing.assert_allclose(value_e, value_x, rtol=1e-5)
+    for ge, gx in zip(jax.tree.leaves(grad_e), jax.tree.leaves(grad_x)):
+        np.testing.assert_allclose(ge, gx, rtol=1e-4, atol=1e-6)
 
 
 def test_vmap_matches_per_example(getkey):

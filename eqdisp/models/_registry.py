@@ -19,7 +19,7 @@ def make_model(
     - `name_or_config`: a model name (see `parse_model_name`) or a `ModelConfig`.
     - `key`: a PRNG key for the initialisation.
     - `**overrides`: `ModelConfig` fields to replace (`input_size`, `in_channels`, `num_classes`,
-        `learn_sigma`, `class_dropout_prob`, `block_impl`, `dtype`).
+        `learn_sigma`, `class_dropout_prob`, `block_impl`, `dtype`, `attention`).
 
     **Returns:** a `DiffusionTransformer` with float32 parameters.
 
@@ -51,6 +51,7 @@ def make_model(
         family=spec.family,
         block_impl=config.block_impl,
         dtype=config.dtype,
+        attention=config.attention,
         key=key,
     )
 

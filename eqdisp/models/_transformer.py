@@ -74,8 +74,17 @@ class TransformerBlock(eqx.Module):
     fc2: eqx.nn.Linear
     adaln_modulation: eqx.nn.Linear
     num_heads: int = eqx.field(static=True)
+    attention_impl: Literal["einsum", "xla", "cudnn"] = eqx.field(static=True)
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, *, key: PRNGKeyArray):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        attention: Literal["einsum", "xla", "cudnn"] = "einsum",
+        *,
+        key: PRNGKeyArray,
+    ):
         qkv_key, proj_key, fc1_key, fc2_key, ada_key = jax.random.split(key, 5)
         hidden = int(dim * mlp_ratio)
         # xavier on the fused qkv matrix (fan_out = 3D), zero biases (§1.8).
@@ -85,30 +94,41 @@ class TransformerBlock(eqx.Module):
         self.fc2 = make_linear(hidden, dim, "xavier", key=fc2_key)
         self.adaln_modulation = make_linear(dim, 6 * dim, "zero", key=ada_key)
         self.num_heads = num_heads
+        self.attention_impl = attention
 
     def __check_init__(self):
         dim = self.proj.weight.shape[-1]
         if dim % self.num_heads != 0:
             raise ValueError(f"dim={dim} is not divisible by num_heads={self.num_heads}")
+        if self.attention_impl not in ("einsum", "xla", "cudnn"):
+            raise ValueError(
+                f"attention={self.attention_impl!r} is not allowed: expected 'einsum', 'xla' or 'cudnn'"
+            )
 
     def attention(self, x: Float[Array, "tokens dim"]) -> Float[Array, "tokens dim"]:
         """Multi-head self-attention (timm `Attention`, qkv bias, scale `head_dim^-0.5`).
 
-        Computed per example in `(heads, tokens, head_dim)` layout, which becomes
-        `(batch, heads, tokens, head_dim)` under the caller's vmap: the fastest layout measured on
-        the CPU (`reference/cpu_perf_probe.md`, "bhnd"). Scores and softmax in float32.
+        `attention="einsum"` computes it per example in `(heads, tokens, head_dim)` layout, which
+        becomes `(batch, heads, tokens, head_dim)` under the caller's vmap: the fastest layout
+        measured on the CPU (`reference/cpu_perf_probe.md`, "bhnd"); scores and softmax in
+        float32. `"xla"` and `"cudnn"` call `jax.nn.dot_product_attention` with that
+        implementation (cuDNN: flash attention, the scores never stored).
         """
         tokens, dim = x.shape
         heads = self.num_heads
         head_dim = dim // heads
         # qkv feature index is s*D + h*hd + d with s in (q, k, v).
-        qkv = dense(self.qkv, x).reshape(tokens, 3, heads, head_dim).transpose(1, 2, 0, 3)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        q = q * head_dim**-0.5
-        scores = jnp.einsum("hnd,hmd->hnm", q, k, preferred_element_type=jnp.float32)
-        weights = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        out = jnp.einsum("hnm,hmd->hnd", weights, v)
-        return dense(self.proj, out.transpose(1, 0, 2).reshape(tokens, dim))
+        qkv = dense(self.qkv, x).reshape(tokens, 3, heads, head_dim)
+        if self.attention_impl == "einsum":
+            q, k, v = qkv.transpose(1, 2, 0, 3)
+            q = q * head_dim**-0.5
+            scores = jnp.einsum("hnd,hmd->hnm", q, k, preferred_element_type=jnp.float32)
+            weights = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+            out = jnp.einsum("hnm,hmd->hnd", weights, v).transpose(1, 0, 2)
+        else:
+            q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+            out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+        return dense(self.proj, out.reshape(tokens, dim))
 
     def mlp(self, x: Float[Array, "tokens dim"]) -> Float[Array, "tokens dim"]:
         """fc1 (4D) -> tanh-approximated GELU -> fc2 (timm `Mlp`)."""
@@ -206,6 +226,7 @@ class DiffusionTransformer(AbstractDiffusionModel):
         family: Literal["SiT", "DiT"] = "SiT",
         block_impl: Literal["unroll", "scan"] = "scan",
         dtype: Literal["float32", "bfloat16"] = "float32",
+        attention: Literal["einsum", "xla", "cudnn"] = "einsum",
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -219,6 +240,7 @@ class DiffusionTransformer(AbstractDiffusionModel):
         - `family`: `"SiT"` or `"DiT"` (which output channels `__call__` returns).
         - `block_impl`: `"unroll"` or `"scan"`.
         - `dtype`: compute dtype; parameters are float32 either way.
+        - `attention`: `"einsum"`, `"xla"` or `"cudnn"` (see `TransformerBlock.attention`).
         - `key`: a PRNG key for the initialisation.
         """
         # Fail before allocating anything (an XL model is 2.7 GB).
@@ -230,7 +252,7 @@ class DiffusionTransformer(AbstractDiffusionModel):
         self.x_embedder = PatchEmbed(in_channels, dim, patch_size, key=patch_key)
         self.t_embedder = TimestepEmbedder(dim, key=t_key)
         self.y_embedder = LabelEmbedder(num_classes, dim, class_dropout_prob, key=y_key)
-        make_block = lambda k: TransformerBlock(dim, num_heads, mlp_ratio, key=k)
+        make_block = lambda k: TransformerBlock(dim, num_heads, mlp_ratio, attention, key=k)
         self.blocks = eqx.filter_vmap(make_block)(jax.random.split(blocks_key, depth))
         self.final_layer = FinalLayer(dim, patch_size, out_channels, key=final_key)
         self.family = family
