@@ -20,9 +20,10 @@ class Step:
     batch: int = 32
     disp: DispConfig = DispConfig()
     dtype: Literal["float32", "bfloat16"] = "float32"
-    block_impl: Literal["scan", "unroll"] = "scan"
-    attention: Literal["einsum", "xla", "cudnn"] = "einsum"
-    """Attention kernel (``cudnn``: flash attention on NVIDIA GPUs, with ``--dtype bfloat16``)."""
+    block_impl: Literal["auto", "scan", "unroll"] = "auto"
+    """``auto``: scan on CPU, unrolled on accelerators."""
+    attention: Literal["auto", "einsum", "xla", "cudnn"] = "auto"
+    """Attention kernel; ``auto``: cuDNN flash attention on NVIDIA GPUs in bfloat16, else einsum."""
     steps: int = 5
     """Timed steps (after 2 warm-up steps)."""
     json: pathlib.Path | None = None

@@ -67,7 +67,10 @@ def _timed(fn: Callable[[], object], steps: int) -> list[float]:
     return times
 
 
-def _setup(name: str, batch: int, disp: DispConfig, dtype: str, block_impl: str, attention: str = "einsum"):
+def _setup(
+    name: str, batch: int, disp: DispConfig, dtype: str = "float32", block_impl: str = "auto",
+    attention: str = "auto",
+):
     if disp.active and disp.group_size is not None and batch % disp.group_size:
         raise ConfigError(
             f"disp.group_size={disp.group_size} is not allowed: expected a divisor of --batch {batch}"
@@ -88,14 +91,15 @@ def bench_step(
     *,
     disp: DispConfig = DispConfig(),
     dtype: str = "float32",
-    block_impl: str = "scan",
-    attention: str = "einsum",
+    block_impl: str = "auto",
+    attention: str = "auto",
     steps: int = 5,
     warmup: int = 2,
 ) -> dict:
     """Compile time, median step time, images/s, FLOPs, GFLOP/s, MFU and memory of one train step."""
     peak = matmul_peak(dtype=dtype)
     state, step, x, y = _setup(name, batch, disp, dtype, block_impl, attention)
+    block_impl, attention = state.model.block_impl, state.model.blocks.attention_impl  # "auto" resolved
     start = time.perf_counter()
     with warnings.catch_warnings():  # the batch is donated too; no output can reuse it
         warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
@@ -154,7 +158,7 @@ def bench_disp(name: str, batch: int, *, disp: DispConfig = DispConfig(), rounds
     """The same step with the dispersive term on and off, interleaved; the time ratio on / off."""
     runs = {}
     for label, config in (("off", DispConfig(variant="none")), ("on", disp)):
-        state, step, x, y = _setup(name, batch, config, "float32", "scan")
+        state, step, x, y = _setup(name, batch, config)
         holder = {"state": state}
 
         def run(step=step, holder=holder, x=x, y=y):

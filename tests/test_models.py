@@ -107,7 +107,7 @@ def test_properties(getkey):
         ("SiT-T/2", {"dtype": "float16"}, "'float16'"),
         ("SiT-T/2", {"class_dropout_prob": 1.0}, "1.0"),
         ("SiT-T/2", {"depth": 3}, "depth"),
-        ("SiT-T/2", {"attention": "cudnn"}, "needs dtype bfloat16"),
+        ("SiT-T/2", {"attention": "cudnn"}, "needs bfloat16"),
     ],
 )
 def test_bad_names_and_configs(getkey, name, overrides, fragment):
@@ -319,7 +319,7 @@ def test_scan_equals_unroll(getkey):
     unrolled, scanned = (
         _perturb(_tiny(lambda: init_key, block_impl=impl), noise_key) for impl in ("unroll", "scan")
     )
-    assert scanned.block_impl == "scan"
+    assert (unrolled.block_impl, scanned.block_impl) == ("unroll", "scan")
     x, t, y = _example(getkey(), unrolled)
 
     def loss(model):
@@ -357,6 +357,31 @@ def test_attention_implementations_agree(getkey):
     np.testing.assert_allclose(value_e, value_x, rtol=1e-5)
     for ge, gx in zip(jax.tree.leaves(grad_e), jax.tree.leaves(grad_x)):
         np.testing.assert_allclose(ge, gx, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "backend, version, dtype, block_impl, attention, expected",
+    [
+        ("cpu", "cpu", "float32", "auto", "auto", ("scan", "einsum")),
+        ("cpu", "cpu", "bfloat16", "auto", "auto", ("scan", "einsum")),
+        ("gpu", "cuda 13000", "bfloat16", "auto", "auto", ("unroll", "cudnn")),
+        ("gpu", "cuda 13000", "float32", "auto", "auto", ("unroll", "einsum")),
+        ("gpu", "rocm 6.3", "bfloat16", "auto", "auto", ("unroll", "einsum")),
+        ("tpu", "PJRT C API", "bfloat16", "auto", "auto", ("unroll", "einsum")),
+        ("gpu", "cuda 13000", "bfloat16", "scan", "xla", ("scan", "xla")),  # explicit choices kept
+    ],
+)
+def test_auto_implementation(backend, version, dtype, block_impl, attention, expected):
+    from eqdisp.config import ModelConfig
+    from eqdisp.models import resolve_implementation
+
+    config = ModelConfig(name="SiT-T/2", dtype=dtype, block_impl=block_impl, attention=attention)
+    assert resolve_implementation(config, backend=backend, platform_version=version) == expected
+
+
+def test_auto_is_scan_and_einsum_on_this_cpu(getkey):
+    model = _tiny(getkey)
+    assert (model.block_impl, model.blocks.attention_impl) == ("scan", "einsum")
 
 
 def test_vmap_matches_per_example(getkey):

@@ -18,7 +18,7 @@ from ._embed import (
     unpatchify,
 )
 from ._names import MODEL_SIZES, PATCH_SIZES, ModelSpec, parse_model_name
-from ._registry import make_model
+from ._registry import make_model, resolve_implementation
 from ._transformer import DiffusionTransformer, FinalLayer, TransformerBlock
 
 __all__ = [

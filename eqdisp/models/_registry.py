@@ -2,11 +2,34 @@
 
 import dataclasses
 
+import jax
 from jaxtyping import PRNGKeyArray
 
 from ..config import ModelConfig
 from ._names import parse_model_name
 from ._transformer import DiffusionTransformer
+
+
+def resolve_implementation(
+    config: ModelConfig, *, backend: str | None = None, platform_version: str | None = None
+) -> tuple[str, str]:
+    """The `(block_impl, attention)` that `"auto"` stands for on `backend` (default: JAX's).
+
+    Scan over blocks on CPU, unrolled blocks elsewhere; cuDNN flash attention on an NVIDIA GPU
+    (CUDA platform) with bfloat16 compute, the einsum attention otherwise. Explicit choices are
+    returned unchanged.
+    """
+    if backend is None:
+        backend = jax.default_backend()
+        platform_version = jax.devices()[0].client.platform_version
+    block_impl = config.block_impl
+    if block_impl == "auto":
+        block_impl = "scan" if backend == "cpu" else "unroll"
+    attention = config.attention
+    if attention == "auto":
+        on_cuda = backend == "gpu" and "cuda" in (platform_version or "").lower()
+        attention = "cudnn" if on_cuda and config.dtype == "bfloat16" else "einsum"
+    return block_impl, attention
 
 
 def make_model(
@@ -38,6 +61,7 @@ def make_model(
     else:
         config = ModelConfig(name=name_or_config, **overrides)
     spec = parse_model_name(config.name)
+    block_impl, attention = resolve_implementation(config)
     return DiffusionTransformer(
         input_size=config.input_size,
         in_channels=config.in_channels,
@@ -49,11 +73,11 @@ def make_model(
         learn_sigma=config.learn_sigma,
         class_dropout_prob=config.class_dropout_prob,
         family=spec.family,
-        block_impl=config.block_impl,
+        block_impl=block_impl,
         dtype=config.dtype,
-        attention=config.attention,
+        attention=attention,
         key=key,
     )
 
 
-__all__ = ["make_model"]
+__all__ = ["make_model", "resolve_implementation"]
