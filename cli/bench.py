@@ -24,6 +24,8 @@ class Step:
     """``auto``: scan on CPU, unrolled on accelerators."""
     attention: Literal["auto", "einsum", "xla", "cudnn"] = "auto"
     """Attention kernel; ``auto``: cuDNN flash attention on NVIDIA GPUs in bfloat16, else einsum."""
+    remat: Literal["auto", "none", "dots", "full"] = "auto"
+    """What the backward recomputes per block; ``auto``: ``dots`` on CPU, ``none`` elsewhere."""
     steps: int = 5
     """Timed steps (after 2 warm-up steps)."""
     json: pathlib.Path | None = None
@@ -34,7 +36,7 @@ class Step:
 
         return bench_step(
             self.model, self.batch, disp=self.disp, dtype=self.dtype, block_impl=self.block_impl,
-            attention=self.attention, steps=self.steps,
+            attention=self.attention, remat=self.remat, steps=self.steps,
         )
 
 

@@ -70,13 +70,16 @@ def _timed(fn: Callable[[], object], steps: int) -> list[float]:
 def _setup(
     name: str, batch: int, disp: DispConfig, dtype: str = "float32", block_impl: str = "auto",
     attention: str = "auto",
+    remat: str = "auto",
 ):
     if disp.active and disp.group_size is not None and batch % disp.group_size:
         raise ConfigError(
             f"disp.group_size={disp.group_size} is not allowed: expected a divisor of --batch {batch}"
         )
     key_model, key_state, key_x = jr.split(jr.key(0), 3)
-    model = make_model(name, key=key_model, dtype=dtype, block_impl=block_impl, attention=attention)
+    model = make_model(
+        name, key=key_model, dtype=dtype, block_impl=block_impl, attention=attention, remat=remat
+    )
     optimizer = make_optimizer(OptimConfig())
     state = init_train_state(model, optimizer, key=key_state)
     step = make_train_step(optimizer, make_transport(TransportConfig()), disp, ema_decay=0.9999)
@@ -93,13 +96,15 @@ def bench_step(
     dtype: str = "float32",
     block_impl: str = "auto",
     attention: str = "auto",
+    remat: str = "auto",
     steps: int = 5,
     warmup: int = 2,
 ) -> dict:
     """Compile time, median step time, images/s, FLOPs, GFLOP/s, MFU and memory of one train step."""
     peak = matmul_peak(dtype=dtype)
-    state, step, x, y = _setup(name, batch, disp, dtype, block_impl, attention)
-    block_impl, attention = state.model.block_impl, state.model.blocks.attention_impl  # "auto" resolved
+    state, step, x, y = _setup(name, batch, disp, dtype, block_impl, attention, remat)
+    model = state.model  # the "auto" choices, resolved
+    block_impl, attention, remat = model.block_impl, model.blocks.attention_impl, model.remat
     start = time.perf_counter()
     with warnings.catch_warnings():  # the batch is donated too; no output can reuse it
         warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
@@ -132,6 +137,7 @@ def bench_step(
         "dtype": dtype,
         "block_impl": block_impl,
         "attention": attention,
+        "remat": remat,
         "device": device.device_kind,
         "compile_s": round(compile_s, 2),
         "step_s_median": round(step_s, 4),

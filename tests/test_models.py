@@ -108,6 +108,7 @@ def test_properties(getkey):
         ("SiT-T/2", {"class_dropout_prob": 1.0}, "1.0"),
         ("SiT-T/2", {"depth": 3}, "depth"),
         ("SiT-T/2", {"attention": "cudnn"}, "needs bfloat16"),
+        ("SiT-T/2", {"remat": "some"}, "'some'"),
     ],
 )
 def test_bad_names_and_configs(getkey, name, overrides, fragment):
@@ -116,7 +117,7 @@ def test_bad_names_and_configs(getkey, name, overrides, fragment):
 
     # A Literal field given a bad string is caught by the test-time type checker first
     # (jaxtyping's TypeCheckError, a TypeError); without it ModelConfig raises ConfigError.
-    literal_field = set(overrides) & {"block_impl", "dtype"}
+    literal_field = set(overrides) & {"block_impl", "dtype", "remat"}
     with pytest.raises((ConfigError, ValueError, TypeError)) as info:
         make_model(name, key=getkey(), **overrides)
     message = str(info.value)
@@ -360,28 +361,54 @@ def test_attention_implementations_agree(getkey):
 
 
 @pytest.mark.parametrize(
-    "backend, version, dtype, block_impl, attention, expected",
+    "backend, version, dtype, explicit, expected",
     [
-        ("cpu", "cpu", "float32", "auto", "auto", ("scan", "einsum")),
-        ("cpu", "cpu", "bfloat16", "auto", "auto", ("scan", "einsum")),
-        ("gpu", "cuda 13000", "bfloat16", "auto", "auto", ("unroll", "cudnn")),
-        ("gpu", "cuda 13000", "float32", "auto", "auto", ("unroll", "einsum")),
-        ("gpu", "rocm 6.3", "bfloat16", "auto", "auto", ("unroll", "einsum")),
-        ("tpu", "PJRT C API", "bfloat16", "auto", "auto", ("unroll", "einsum")),
-        ("gpu", "cuda 13000", "bfloat16", "scan", "xla", ("scan", "xla")),  # explicit choices kept
+        ("cpu", "cpu", "float32", {}, ("scan", "einsum", "dots")),
+        ("cpu", "cpu", "bfloat16", {}, ("scan", "einsum", "dots")),
+        ("gpu", "cuda 13000", "bfloat16", {}, ("unroll", "cudnn", "none")),
+        ("gpu", "cuda 13000", "float32", {}, ("unroll", "einsum", "none")),
+        ("gpu", "rocm 6.3", "bfloat16", {}, ("unroll", "einsum", "none")),
+        ("tpu", "PJRT C API", "bfloat16", {}, ("unroll", "einsum", "none")),
+        # Explicit choices are kept, each on its own.
+        ("gpu", "cuda 13000", "bfloat16", {"block_impl": "scan", "attention": "xla"}, ("scan", "xla", "none")),
+        ("cpu", "cpu", "float32", {"remat": "full"}, ("scan", "einsum", "full")),
     ],
 )
-def test_auto_implementation(backend, version, dtype, block_impl, attention, expected):
+def test_auto_implementation(backend, version, dtype, explicit, expected):
     from eqdisp.config import ModelConfig
     from eqdisp.models import resolve_implementation
 
-    config = ModelConfig(name="SiT-T/2", dtype=dtype, block_impl=block_impl, attention=attention)
-    assert resolve_implementation(config, backend=backend, platform_version=version) == expected
+    config = ModelConfig(name="SiT-T/2", dtype=dtype, **explicit)
+    assert tuple(resolve_implementation(config, backend=backend, platform_version=version)) == expected
 
 
-def test_auto_is_scan_and_einsum_on_this_cpu(getkey):
+def test_auto_is_scan_einsum_and_remat_on_this_cpu(getkey):
     model = _tiny(getkey)
-    assert (model.block_impl, model.blocks.attention_impl) == ("scan", "einsum")
+    assert (model.block_impl, model.blocks.attention_impl, model.remat) == ("scan", "einsum", "dots")
+
+
+@pytest.mark.parametrize("block_impl", ["scan", "unroll"])
+def test_remat_changes_nothing_but_speed(getkey, block_impl):
+    """Recomputing in the backward pass gives the same loss and gradients as storing."""
+    init_key, noise_key = getkey(), getkey()
+    models = [
+        _perturb(_tiny(lambda: init_key, block_impl=block_impl, remat=r), noise_key)
+        for r in ("none", "dots", "full")
+    ]
+    xs = jax.random.normal(getkey(), (3, 4, 8, 8), jnp.float32)
+    ts = jnp.array([0.1, 0.5, 0.9], jnp.float32)
+    ys = jnp.array([0, 5, 10], jnp.int32)
+
+    def loss(model):
+        out, taps = jax.vmap(model.forward_with_taps)(xs, ts, ys)
+        return jnp.mean(jnp.square(out)) + jnp.mean(jnp.square(taps.blocks[:, 2]))
+
+    (value, grad), *others = [eqx.filter_jit(eqx.filter_value_and_grad(loss))(m) for m in models]
+    assert float(value) > 1e-3
+    for other_value, other_grad in others:
+        np.testing.assert_allclose(other_value, value, rtol=1e-6)
+        for g, h in zip(jax.tree.leaves(grad), jax.tree.leaves(other_grad)):
+            np.testing.assert_allclose(h, g, rtol=1e-4, atol=1e-7)
 
 
 def test_vmap_matches_per_example(getkey):
@@ -461,6 +488,10 @@ def test_reading_one_tap_costs_nothing_extra(getkey, block_impl):
     tap = jax.jit(jax.grad(lambda p: loss(p, True))).lower(params).compile()
     base_mem = base.memory_analysis().temp_size_in_bytes
     tap_mem = tap.memory_analysis().temp_size_in_bytes
-    # One extra (tokens, dim) tap buffer and its cotangent at most, not depth of them.
+    # One extra (tokens, dim) tap buffer and its cotangent at most, not depth of them; under
+    # scan with remat the block inputs are saved separately from the scan's stacked outputs, so
+    # reading any tap also keeps that one (depth, tokens, dim) buffer, and nothing more.
     one_tap = model.num_tokens * model.dim * 4
-    assert tap_mem <= base_mem + 4 * one_tap
+    stacked = model.depth * one_tap if (block_impl, model.remat) == ("scan", "dots") else 0
+    assert model.remat == "dots"  # the CPU default
+    assert tap_mem <= base_mem + stacked + 4 * one_tap

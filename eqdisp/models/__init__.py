@@ -18,7 +18,7 @@ from ._embed import (
     unpatchify,
 )
 from ._names import MODEL_SIZES, PATCH_SIZES, ModelSpec, parse_model_name
-from ._registry import make_model, resolve_implementation
+from ._registry import Implementation, make_model, resolve_implementation
 from ._transformer import DiffusionTransformer, FinalLayer, TransformerBlock
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "AbstractDiffusionModel",
     "DiffusionTransformer",
     "FinalLayer",
+    "Implementation",
     "LabelEmbedder",
     "ModelSpec",
     "PatchEmbed",

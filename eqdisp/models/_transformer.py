@@ -25,6 +25,15 @@ from ._embed import (
 
 _LN_EPS = 1e-6  # all three LayerNorms (§1.6, §1.7)
 
+# What a block's backward pass may read from its forward pass (`remat`); everything else is
+# recomputed. Under vmap the linear layers are dots without batch dimensions, attention's two
+# einsums are batched dots, so "dots" stores the linear layers' outputs and recomputes attention.
+_REMAT_POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
 
 def _layer_norm(x: Float[Array, "tokens dim"]) -> Float[Array, "tokens dim"]:
     """LayerNorm without affine, biased variance, eps 1e-6; statistics in float32 even under bf16."""
@@ -211,6 +220,7 @@ class DiffusionTransformer(AbstractDiffusionModel):
     learn_sigma: bool = eqx.field(static=True)
     block_impl: Literal["unroll", "scan"] = eqx.field(static=True)
     dtype: Literal["float32", "bfloat16"] = eqx.field(static=True)
+    remat: Literal["none", "dots", "full"] = eqx.field(static=True)
 
     def __init__(
         self,
@@ -229,6 +239,7 @@ class DiffusionTransformer(AbstractDiffusionModel):
         block_impl: Literal["unroll", "scan"] = "scan",
         dtype: Literal["float32", "bfloat16"] = "float32",
         attention: Literal["einsum", "xla", "cudnn"] = "einsum",
+        remat: Literal["none", "dots", "full"] = "none",
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -243,6 +254,9 @@ class DiffusionTransformer(AbstractDiffusionModel):
         - `block_impl`: `"unroll"` or `"scan"`.
         - `dtype`: compute dtype; parameters are float32 either way.
         - `attention`: `"einsum"`, `"xla"` or `"cudnn"` (see `TransformerBlock.attention`).
+        - `remat`: what the backward pass recomputes in each block instead of storing:
+            `"none"`; `"dots"` keeps the outputs of the linear layers and recomputes attention
+            and the elementwise ops; `"full"` keeps only the block's input.
         - `key`: a PRNG key for the initialisation.
         """
         # Fail before allocating anything (an XL model is 2.7 GB).
@@ -265,6 +279,7 @@ class DiffusionTransformer(AbstractDiffusionModel):
         self.learn_sigma = learn_sigma
         self.block_impl = block_impl
         self.dtype = dtype
+        self.remat = remat
 
     def __check_init__(self):
         _check_architecture(
@@ -280,6 +295,8 @@ class DiffusionTransformer(AbstractDiffusionModel):
             raise ValueError(f"block_impl={self.block_impl!r} is not allowed: expected 'unroll' or 'scan'")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r} is not allowed: expected 'float32' or 'bfloat16'")
+        if self.remat not in _REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r} is not allowed: expected 'none', 'dots' or 'full'")
 
     # -- sizes -------------------------------------------------------------------------------
 
@@ -348,16 +365,22 @@ class DiffusionTransformer(AbstractDiffusionModel):
         self, h: Float[Array, "tokens dim"], c: Float[Array, " dim"]
     ) -> tuple[Float[Array, "tokens dim"], Float[Array, "depth tokens dim"]]:
         dynamic, static = eqx.partition(self.blocks, eqx.is_array)
+
+        def block(params, h):
+            return eqx.combine(params, static)(h, c)
+
+        if self.remat != "none":
+            block = jax.checkpoint(block, policy=_REMAT_POLICIES[self.remat])
         if self.block_impl == "scan":
 
             def step(carry, params):
-                out = eqx.combine(params, static)(carry, c)
+                out = block(params, carry)
                 return out, out  # ys are exactly the taps
 
             return jax.lax.scan(step, h, dynamic)
         outs = []
         for params in _unstack(dynamic, self.depth):
-            h = eqx.combine(params, static)(h, c)
+            h = block(params, h)
             outs.append(h)
         # Stacking costs no FLOPs; measured on SiT-S/2 batch 8 (value_and_grad), a loss reading
         # taps.blocks[2] adds ~3% temp memory (the stacked taps) and no measurable time.
