@@ -68,7 +68,11 @@ def _timed(fn: Callable[[], object], steps: int) -> list[float]:
 
 
 def _setup(
-    name: str, batch: int, disp: DispConfig, dtype: str = "float32", block_impl: str = "auto",
+    name: str,
+    batch: int,
+    disp: DispConfig,
+    dtype: str = "float32",
+    block_impl: str = "auto",
     attention: str = "auto",
     remat: str = "auto",
 ):

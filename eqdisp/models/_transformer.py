@@ -197,10 +197,11 @@ class DiffusionTransformer(AbstractDiffusionModel):
 
     The blocks are one stacked `TransformerBlock` (leading `depth` axis on every array), run
     unrolled or under `lax.scan` (`block_impl`); both compute the same function. Which is faster
-    depends on the backend (`make_model`'s `"auto"` picks): on the 2-core CPU (jax 0.10.2) scan is
-    ~2.7x faster for SiT-S/2 forward+backward at batch 8 and compiles in 2 s instead of 11 s
-    (SiT-XL/2 train step: 2 s against 85 s); on an H200 (jax 0.11.2, bfloat16) unrolled blocks
-    make the SiT-B/2 batch-256 train step 1.55x faster. Reading one tap adds no FLOPs under
+    depends on the backend and the batch (`make_model`'s `"auto"` picks): on the 2-core CPU (jax
+    0.10.2, SiT-S/2 train step, no remat) scan is 2.8x faster at batch 8 and 6% slower at batch
+    32, but with `remat="dots"` it is 1.29x faster at batch 32 (5.04 s against 6.50 s), and it
+    compiles in seconds (SiT-XL/2: 6 s against 86 s unrolled); on an H200 (jax 0.11.2, bfloat16)
+    unrolled blocks make the SiT-B/2 batch-256 step 1.55x faster. Reading one tap adds no FLOPs under
     either (a few % temp memory for the stacked taps).
 
     The position embedding is not a leaf: it is a NumPy constant added at trace time, so
