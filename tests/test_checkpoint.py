@@ -353,6 +353,16 @@ def test_load_checkpoint_errors_are_one_line(tiny, tmp_path):
         load_checkpoint(tmp_path / "mismatch")
     _one_line_error(excinfo, tmp_path / "mismatch" / "1", "expected")
 
+    # A stored config that no longer validates (edited by hand, or written by another version).
+    bad = tmp_path / "badconfig"
+    with Checkpointer(bad) as ckpt:
+        ckpt.save(1, state, config=cfg)
+    metadata = bad / "1" / "config" / "metadata"
+    metadata.write_text(metadata.read_text().replace('"SiT-T/2"', '"SiT-Q/2"'))
+    with pytest.raises(CheckpointError) as excinfo:
+        load_checkpoint(bad)
+    _one_line_error(excinfo, bad / "1", "stored config is not valid", "SiT-Q/2")
+
     # Truncated array files.
     for file in (run / "checkpoints" / "5" / "state").rglob("d/*"):
         os.truncate(file, file.stat().st_size // 2)

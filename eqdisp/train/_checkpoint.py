@@ -298,11 +298,14 @@ class Checkpointer:
     # -- steps -----------------------------------------------------------------------------------
 
     def all_steps(self) -> list[int]:
-        """The committed steps, oldest first (saves still in flight are not included)."""
+        """The committed steps, oldest first (waits for saves in flight: Orbax lists a step as
+        soon as its background write starts)."""
+        self.wait()
         return sorted(self._manager.all_steps())
 
     def latest_step(self) -> int | None:
-        """The newest committed step, or None when there is none."""
+        """The newest committed step, or None when there is none (waits for saves in flight)."""
+        self.wait()
         return self._manager.latest_step()
 
     def _step_dir(self, step: int) -> pathlib.Path:
@@ -464,7 +467,7 @@ class Checkpointer:
             ) from e
         try:
             return config_from_dict(restored[_CONFIG])
-        except ValueError as e:
+        except (ConfigError, ValueError) as e:
             raise CheckpointError(f"{step_dir}: stored config is not valid: {_one_line(e)}") from e
 
     # -- lifecycle -------------------------------------------------------------------------------
