@@ -2,7 +2,9 @@
 
 Every run is analysed on identical inputs: the same data examples `x1`, labels `y`, noise `x0`
 (drawn once from `seed`) and times `t`. Times follow SiT (`eqdisp.transport`): `t = 0` is pure
-noise, `t = 1` is data; the noisy input is `x_t = alpha_t x1 + sigma_t x0`.
+noise, `t = 1` is data; the noisy input is `x_t = alpha_t x1 + sigma_t x0`. DiT runs are noised
+with their own Gaussian diffusion at the same fraction of its step range, counted from the data
+end: step `round((1 - t) * (T - 1))` (`model_time`).
 
 The work is batched (`jax.vmap` over examples, a Python loop over batches and times only) and
 reduced per time on device: only the reduced metrics and the token-pooled features (for the
@@ -261,10 +263,21 @@ class Progress:
 # Collection
 
 
+def model_time(objective: eqdisp.Objective, t: float) -> float:
+    """The time the model was trained with for the analysis time `t` (SiT's: 1 is data).
+
+    SiT's transport takes `t` as it is; DiT's diffusion takes the step `round((1 - t) * (T - 1))`
+    (step 0 is the least noisy).
+    """
+    if isinstance(objective, eqdisp.GaussianDiffusion):
+        return float(round((1.0 - t) * (objective.num_timesteps - 1)))
+    return t
+
+
 @eqx.filter_jit
 def _forward_blocks(
     model: eqx.Module,
-    transport: eqdisp.Transport,
+    objective: eqdisp.Objective,
     x0: Float[Array, "b c h w"],
     x1: Float[Array, "b c h w"],
     y: Int[Array, " b"],
@@ -272,7 +285,7 @@ def _forward_blocks(
     index: Int[Array, " k"],
 ) -> Float[Array, "b k tokens dim"]:
     def one(x0, x1, y):
-        xt, _ = transport.interpolate(x0, x1, t)
+        xt, _ = objective.interpolate(x0, x1, t)
         _, taps = model.forward_with_taps(xt, t, y)
         return taps.blocks[index].astype(jnp.float32)
 
@@ -363,7 +376,7 @@ def collect(
     depth = model.depth
     blocks = parse_blocks(options.blocks, depth)
     index = jnp.asarray([b - 1 for b in blocks], jnp.int32)
-    transport = eqdisp.make_transport(run.config.transport)
+    objective = eqdisp.make_objective(run.config)
     n = inputs.y.shape[0]
     if n < 2:
         raise AnalysisError(f"the data source gave {n} examples; the analyses need at least 2")
@@ -380,11 +393,11 @@ def collect(
     labels = np.asarray(inputs.y)
     per_t: list[dict] = []
     for t in options.t:
-        tt = jnp.asarray(t, jnp.float32)
+        tt = jnp.asarray(model_time(objective, t), jnp.float32)
         z = jnp.concatenate(
             [
                 _forward_blocks(
-                    model, transport, x0[i : i + bs], x1[i : i + bs], y[i : i + bs], tt, index
+                    model, objective, x0[i : i + bs], x1[i : i + bs], y[i : i + bs], tt, index
                 )
                 for i in range(0, n + pad, bs)
             ]
