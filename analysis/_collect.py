@@ -385,6 +385,11 @@ def collect(
     take = jnp.concatenate([jnp.arange(n), jnp.arange(pad) % n])
     x0, x1, y = inputs.x0[take], inputs.x1[take], inputs.y[take]
     if options.unconditional:
+        if run.config.model.class_dropout_prob == 0:
+            raise AnalysisError(
+                f"--unconditional is not allowed for {run.path}: it was trained with "
+                "model.class_dropout_prob=0, so its null label was never trained"
+            )
         y = jnp.full_like(y, run.config.model.num_classes)  # the null label
     spectra, probes = "spectra" in analyses, "probes" in analyses
     if probes:

@@ -204,6 +204,27 @@ def test_figures_one_trace_per_run_and_block(runs):
     np.testing.assert_array_equal(again.values["norm_token"], results[0].values["norm_token"])
 
 
+def test_unconditional_feeds_the_null_label_and_needs_a_trained_one(runs):
+    import dataclasses
+
+    from analysis import AnalysisError, Options
+    from analysis._collect import collect, load_inputs, load_run
+
+    run = load_run(runs / "base")
+    opts = Options(t=(0.5,), examples=32, blocks="1", group_size=8, folds=2, progress=False)
+    inputs = load_inputs(run.config, opts)
+    unconditional = dataclasses.replace(opts, unconditional=True)
+    cond = collect(run, inputs, opts, analyses=("norms",))
+    uncond = collect(run, inputs, unconditional, analyses=("norms",))
+    # Same inputs, another label: the block outputs move (the label enters through adaLN).
+    assert not np.allclose(cond.values["norm_example"], uncond.values["norm_example"])
+
+    model_cfg = dataclasses.replace(run.config.model, class_dropout_prob=0.0)
+    config = dataclasses.replace(run.config, model=model_cfg)
+    with pytest.raises(AnalysisError, match="class_dropout_prob=0"):
+        collect(dataclasses.replace(run, config=config), inputs, unconditional, analyses=("norms",))
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
