@@ -3,7 +3,6 @@
 import dataclasses
 import json
 import pathlib
-import sys
 from typing import Literal
 
 import tyro
@@ -87,9 +86,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from eqdisp.errors import USER_ERRORS
+    from cli._entry import run
 
-    try:
-        main()
-    except USER_ERRORS as error:
-        sys.exit(f"error: {error}")
+    run(main)

@@ -61,9 +61,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from eqdisp.errors import USER_ERRORS
+    from cli._entry import run
 
-    try:
-        main()
-    except USER_ERRORS as error:  # bad input: one line, no traceback
-        sys.exit(f"error: {error}")
+    run(main)

@@ -6,7 +6,6 @@ options default to the run's own ``config.sampler``; each flag given overrides o
 
 import dataclasses
 import pathlib
-import sys
 from dataclasses import dataclass
 from typing import Literal
 
@@ -99,9 +98,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from eqdisp.errors import USER_ERRORS
+    from cli._entry import run
 
-    try:
-        main()
-    except USER_ERRORS as error:  # bad input: one line, no traceback
-        sys.exit(f"error: {error}")
+    run(main)

@@ -1,7 +1,5 @@
 """Train a diffusion/flow model with Dispersive Loss: ``python -m cli.train sit-tiny [--disp.variant hinge ...]``."""
 
-import sys
-
 import tyro
 
 from eqdisp.config import PRESETS
@@ -16,9 +14,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from eqdisp.errors import USER_ERRORS
+    from cli._entry import run
 
-    try:
-        main()
-    except USER_ERRORS as error:  # bad input: one line, no traceback
-        sys.exit(f"error: {error}")
+    run(main)
