@@ -384,8 +384,7 @@ class Checkpointer:
         **Raises:** `CheckpointError` (one line) for a missing step, a missing data item, or stored
         arrays that do not match `like` (other shapes, a corrupt or truncated checkpoint).
         """
-        self.wait()
-        step = self._resolve_step(step)
+        step = self._resolve_step(step)  # waits for saves in flight
         step_dir = self._step_dir(step)
         template = _template(like)
         self._check_matches(step, template)
@@ -452,8 +451,7 @@ class Checkpointer:
 
     def read_config(self, step: int | None = None) -> ExperimentConfig:
         """The `ExperimentConfig` stored with `step` (default: the latest)."""
-        self.wait()
-        step = self._resolve_step(step)
+        step = self._resolve_step(step)  # waits for saves in flight
         step_dir = self._step_dir(step)
         if not (step_dir / _CONFIG).is_dir():
             raise CheckpointError(f"{step_dir}: no config was saved with this step")
