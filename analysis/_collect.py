@@ -282,12 +282,12 @@ def _forward_blocks(
     x1: Float[Array, "b c h w"],
     y: Int[Array, " b"],
     t: Float[Array, ""],
-    index: Int[Array, " k"],
+    tap_blocks: tuple[int, ...],
 ) -> Float[Array, "b k tokens dim"]:
     def one(x0, x1, y):
         xt, _ = objective.interpolate(x0, x1, t)
-        _, taps = model.forward_with_taps(xt, t, y)
-        return taps.blocks[index].astype(jnp.float32)
+        _, taps = model.forward_with_taps(xt, t, y, tap_blocks=tap_blocks)
+        return taps.blocks.astype(jnp.float32)
 
     return jax.vmap(one)(x0, x1, y)
 
@@ -375,7 +375,7 @@ def collect(
     model = run.model
     depth = model.depth
     blocks = parse_blocks(options.blocks, depth)
-    index = jnp.asarray([b - 1 for b in blocks], jnp.int32)
+    tap_blocks = tuple(b - 1 for b in blocks)
     objective = eqdisp.make_objective(run.config)
     n = inputs.y.shape[0]
     if n < 2:
@@ -402,7 +402,7 @@ def collect(
         z = jnp.concatenate(
             [
                 _forward_blocks(
-                    model, objective, x0[i : i + bs], x1[i : i + bs], y[i : i + bs], tt, index
+                    model, objective, x0[i : i + bs], x1[i : i + bs], y[i : i + bs], tt, tap_blocks
                 )
                 for i in range(0, n + pad, bs)
             ]

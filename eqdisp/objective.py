@@ -63,16 +63,16 @@ def draw_samples(
 
 
 def regularizer(
-    blocks: Float[Array, "batch depth tokens dim"],
+    blocks: Float[Array, "batch taps tokens dim"],
     disp: DispConfig,
-    blocks_pos: Float[Array, "batch depth tokens dim"] | None = None,
+    blocks_pos: Float[Array, "batch taps tokens dim"] | None = None,
 ) -> Float[Array, ""]:
-    """The dispersive (or, given ``blocks_pos``, contrastive) term, averaged over the blocks that
-    ``disp.blocks`` selects.
+    """The dispersive (or, given ``blocks_pos``, contrastive) term, averaged over the tapped blocks.
 
     **Arguments:**
 
-    - `blocks`: ``Taps.blocks`` of the whole batch (every block's output).
+    - `blocks`: ``Taps.blocks`` of the whole batch, tapped at the regularised blocks:
+        ``forward_with_taps(..., tap_blocks=disp.block_indices(model.depth))``.
     - `disp`: the dispersive-loss configuration.
     - `blocks_pos`: the same for the second (positive) view, for the contrastive variants.
 
@@ -82,8 +82,7 @@ def regularizer(
     """
     options = {"tau": disp.tau, "group_size": disp.group_size, "margin": disp.margin}
     losses = []
-    # Static slices: XLA keeps only the tapped blocks alive.
-    for b in disp.block_indices(blocks.shape[1]):
+    for b in range(blocks.shape[1]):
         if blocks_pos is None:
             losses.append(dispersive_loss(blocks[:, b], disp.variant, **options))
         else:
@@ -146,9 +145,12 @@ def diffusion_loss(
     t = transport.sample_train_time(key_time, (batch,))
     drop_keys = jr.split(key_drop, batch)
 
+    # Tap only the regularised blocks (none for the baseline): unread taps are not free under scan.
+    tap_blocks = disp.block_indices(model.depth) if disp.active else ()
+
     def forward(x0_i, x1_i, t_i, y_i, key_i):
         x_t, _ = transport.interpolate(x0_i, x1_i, t_i)
-        out, taps = model.forward_with_taps(x_t, t_i, y_i, key=key_i)
+        out, taps = model.forward_with_taps(x_t, t_i, y_i, key=key_i, tap_blocks=tap_blocks)
         return transport.loss(out, x0_i, x1_i, t_i), taps
 
     per_example, taps = jax.vmap(forward)(x0, x1, t, y, drop_keys)

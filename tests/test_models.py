@@ -143,7 +143,12 @@ def test_make_model_from_config(getkey):
 
     config = ModelConfig(name="DiT-T/4", input_size=16, num_classes=7)
     model = make_model(config, key=getkey(), block_impl="scan")
-    assert (model.family, model.patch_size, model.input_size, model.block_impl) == ("DiT", 4, 16, "scan")
+    assert (model.family, model.patch_size, model.input_size, model.block_impl) == (
+        "DiT",
+        4,
+        16,
+        "scan",
+    )
     assert model.y_embedder.embedding_table.shape == (8, 192)
 
 
@@ -217,12 +222,17 @@ def test_patch_embed_is_a_strided_conv(getkey):
 
     c, dim, p = 4, 8, 2
     embed = PatchEmbed(c, dim, p, key=getkey())
-    embed = eqx.tree_at(lambda e: e.proj.bias, embed, jax.random.normal(getkey(), (dim,), jnp.float32))
+    embed = eqx.tree_at(
+        lambda e: e.proj.bias, embed, jax.random.normal(getkey(), (dim,), jnp.float32)
+    )
     x = jax.random.normal(getkey(), (c, 8, 8), jnp.float32)
     kernel = embed.proj.weight.reshape(dim, c, p, p)  # the PyTorch Conv2d weight layout
-    conv = jax.lax.conv_general_dilated(
-        x[None], kernel, (p, p), "VALID", precision=jax.lax.Precision.HIGHEST
-    )[0] + embed.proj.bias[:, None, None]
+    conv = (
+        jax.lax.conv_general_dilated(
+            x[None], kernel, (p, p), "VALID", precision=jax.lax.Precision.HIGHEST
+        )[0]
+        + embed.proj.bias[:, None, None]
+    )
     expected = conv.reshape(dim, -1).T  # tokens row-major over the grid
     np.testing.assert_allclose(embed(x), expected, rtol=1e-5, atol=1e-5)
 
@@ -255,7 +265,11 @@ def test_init_statistics(getkey):
     # qkv is xavier on the fused (3D, D) matrix, fan_out = 3D.
     assert block0.qkv.weight.shape == (3 * 192, 192)
     assert model.x_embedder.proj.weight.shape == (192, 4 * 2 * 2)
-    for weight in [model.t_embedder.mlp_in.weight, model.t_embedder.mlp_out.weight, model.y_embedder.embedding_table]:
+    for weight in [
+        model.t_embedder.mlp_in.weight,
+        model.t_embedder.mlp_out.weight,
+        model.y_embedder.embedding_table,
+    ]:
         np.testing.assert_allclose(float(jnp.std(weight)), 0.02, rtol=0.03)
         assert abs(float(jnp.mean(weight))) < 1e-3
     assert model.y_embedder.embedding_table.shape == (1001, 192)
@@ -370,7 +384,13 @@ def test_attention_implementations_agree(getkey):
         ("gpu", "rocm 6.3", "bfloat16", {}, ("unroll", "einsum", "none")),
         ("tpu", "PJRT C API", "bfloat16", {}, ("unroll", "einsum", "none")),
         # Explicit choices are kept, each on its own.
-        ("gpu", "cuda 13000", "bfloat16", {"block_impl": "scan", "attention": "xla"}, ("scan", "xla", "none")),
+        (
+            "gpu",
+            "cuda 13000",
+            "bfloat16",
+            {"block_impl": "scan", "attention": "xla"},
+            ("scan", "xla", "none"),
+        ),
         ("cpu", "cpu", "float32", {"remat": "full"}, ("scan", "einsum", "full")),
     ],
 )
@@ -379,12 +399,18 @@ def test_auto_implementation(backend, version, dtype, explicit, expected):
     from eqdisp.models import resolve_implementation
 
     config = ModelConfig(name="SiT-T/2", dtype=dtype, **explicit)
-    assert tuple(resolve_implementation(config, backend=backend, platform_version=version)) == expected
+    assert (
+        tuple(resolve_implementation(config, backend=backend, platform_version=version)) == expected
+    )
 
 
 def test_auto_is_scan_einsum_and_remat_on_this_cpu(getkey):
     model = _tiny(getkey)
-    assert (model.block_impl, model.blocks.attention_impl, model.remat) == ("scan", "einsum", "dots")
+    assert (model.block_impl, model.blocks.attention_impl, model.remat) == (
+        "scan",
+        "einsum",
+        "dots",
+    )
 
 
 @pytest.mark.parametrize("block_impl", ["scan", "unroll"])
@@ -442,15 +468,14 @@ def test_label_dropout_only_with_key(getkey):
     assert 16 <= int(jnp.sum(is_null)) <= 48  # Binomial(64, 0.5): 8 standard deviations
     # Probability 0: a key changes nothing.
     no_drop = _tiny(getkey, class_dropout_prob=0.0)
-    np.testing.assert_array_equal(
-        no_drop.condition(t, y, key=getkey()), no_drop.condition(t, y)
-    )
+    np.testing.assert_array_equal(no_drop.condition(t, y, key=getkey()), no_drop.condition(t, y))
 
 
 def test_bfloat16_compute(getkey):
     init_key, noise_key = getkey(), getkey()
     model32, model16 = (
-        _perturb(_tiny(lambda: init_key, dtype=dtype), noise_key) for dtype in ("float32", "bfloat16")
+        _perturb(_tiny(lambda: init_key, dtype=dtype), noise_key)
+        for dtype in ("float32", "bfloat16")
     )
     x, t, y = _example(getkey(), model32)
     out32, _ = eqx.filter_jit(model32.forward_with_taps)(x, t, y)
@@ -461,37 +486,72 @@ def test_bfloat16_compute(getkey):
     scale = float(jnp.max(jnp.abs(out32)))
     assert float(jnp.max(jnp.abs(out16 - out32))) < 0.05 * scale
     # Master weights stay float32 and gradients arrive in float32.
-    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(eqx.filter(model16, eqx.is_inexact_array)))
+    assert all(
+        leaf.dtype == jnp.float32
+        for leaf in jax.tree.leaves(eqx.filter(model16, eqx.is_inexact_array))
+    )
     grads = eqx.filter_jit(eqx.filter_grad(lambda m: jnp.mean(jnp.square(m(x, t, y)))))(model16)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(grads))
     assert float(jnp.abs(grads.blocks.qkv.weight).max()) > 0
 
 
 @pytest.mark.parametrize("block_impl", ["unroll", "scan"])
+@pytest.mark.parametrize("tap_blocks", [(2,), (0, 5), (1, 2, 4), ()])
+def test_tap_blocks_select_values_and_gradients(getkey, block_impl, tap_blocks):
+    # Asking for some blocks returns exactly those rows of the full taps, and a loss on them has
+    # the gradients of the same loss on the full taps (scan keeps them in its carry instead).
+    model = _perturb(_tiny(getkey, block_impl=block_impl), getkey())
+    x, t, y = _example(getkey(), model)
+    weights = jnp.arange(1.0, len(tap_blocks) + 1)[:, None, None]
+
+    def loss(model, selected):
+        out, taps = model.forward_with_taps(x, t, y, tap_blocks=tap_blocks if selected else None)
+        picked = taps.blocks if selected else taps.blocks[np.asarray(tap_blocks, int)]
+        return jnp.mean(jnp.square(out)) + jnp.sum(weights * jnp.square(picked)), (out, picked)
+
+    grad = eqx.filter_jit(eqx.filter_grad(loss, has_aux=True))
+    (grads_sel, (out_sel, sel)), (grads_all, (out_all, all_)) = (
+        grad(model, True),
+        grad(model, False),
+    )
+    assert sel.shape == (len(tap_blocks), model.num_tokens, model.dim)
+    np.testing.assert_allclose(out_sel, out_all, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(sel, all_, rtol=1e-5, atol=1e-5)
+    for gs, ga in zip(jax.tree.leaves(grads_sel), jax.tree.leaves(grads_all)):
+        np.testing.assert_allclose(gs, ga, rtol=1e-4, atol=1e-4)  # sums ~ 50
+
+
+@pytest.mark.parametrize("tap_blocks", [(3, 2), (2, 2), (6,), (-1,)])
+def test_bad_tap_blocks_are_one_line_errors(getkey, tap_blocks):
+    model = _tiny(getkey)
+    x, t, y = _example(getkey(), model)
+    with pytest.raises(
+        ValueError, match=r"^tap_blocks=.* increasing 0-based block indices below the depth 6"
+    ):
+        model.forward_with_taps(x, t, y, tap_blocks=tap_blocks)
+
+
+@pytest.mark.parametrize("block_impl", ["unroll", "scan"])
 def test_reading_one_tap_costs_nothing_extra(getkey, block_impl):
-    # A loss that reads taps.blocks[k] must not keep the other taps alive: compare the compiled
-    # gradient programs of an output-only loss and the same plus a term on one tap. XLA removes
-    # the unread taps, so the programs differ by a few ops only (the tap term and its gradient),
-    # not by anything that scales with the depth.
+    # A loss that reads the tap it asked for must not pay for the others: compare the compiled
+    # gradient programs of an output-only loss and the same plus a term on one tap. The programs
+    # differ by that tap, its cotangent and the term, not by anything that scales with the depth
+    # (under scan a stacked `ys` of every block would: XLA does not shrink it to a slice).
     model = _perturb(_tiny(getkey, block_impl=block_impl), getkey())
     params, static = eqx.partition(model, eqx.is_inexact_array)
     x, t, y = _example(getkey(), model)
 
     def loss(params, read_tap):
-        out, taps = eqx.combine(params, static).forward_with_taps(x, t, y)
-        value = jnp.mean(jnp.square(out))
-        if read_tap:
-            value = value + jnp.mean(jnp.square(taps.blocks[2]))
-        return value
+        model = eqx.combine(params, static)
+        if not read_tap:
+            return jnp.mean(jnp.square(model(x, t, y)))
+        out, taps = model.forward_with_taps(x, t, y, tap_blocks=(2,))
+        return jnp.mean(jnp.square(out)) + jnp.mean(jnp.square(taps.blocks[0]))
 
     base = jax.jit(jax.grad(lambda p: loss(p, False))).lower(params).compile()
     tap = jax.jit(jax.grad(lambda p: loss(p, True))).lower(params).compile()
     base_mem = base.memory_analysis().temp_size_in_bytes
     tap_mem = tap.memory_analysis().temp_size_in_bytes
-    # One extra (tokens, dim) tap buffer and its cotangent at most, not depth of them; under
-    # scan with remat the block inputs are saved separately from the scan's stacked outputs, so
-    # reading any tap also keeps that one (depth, tokens, dim) buffer, and nothing more.
     one_tap = model.num_tokens * model.dim * 4
-    stacked = model.depth * one_tap if (block_impl, model.remat) == ("scan", "dots") else 0
     assert model.remat == "dots"  # the CPU default
-    assert tap_mem <= base_mem + stacked + 4 * one_tap
+    assert tap_mem <= base_mem + 4 * one_tap

@@ -37,6 +37,7 @@ __all__ = [
     "make_model",
     "parse_model_name",
     "patchify",
+    "resolve_implementation",
     "sincos_pos_embed_2d",
     "timestep_embedding",
     "unpatchify",

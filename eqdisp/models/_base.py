@@ -1,6 +1,7 @@
 """What every eqdisp diffusion network is: one example in, one prediction and its taps out."""
 
 import abc
+from collections.abc import Sequence
 
 import equinox as eqx
 from jaxtyping import Array, Float, Int, PRNGKeyArray
@@ -9,26 +10,33 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 class Taps(eqx.Module):
     """Intermediate activations of a transformer, returned as data (never collected by side effect).
 
-    Nothing is paid for a tap that the loss does not read: under `jax.jit` the unused parts are
-    removed by dead-code elimination (measured; see `DiffusionTransformer`).
+    A model returns the blocks its caller asks for (`tap_blocks`): XLA does not shrink a scan's
+    stacked outputs to the slices a loss reads, so taps that are returned but never read still
+    cost memory traffic (see `DiffusionTransformer._run_blocks`).
 
     **Fields:**
 
-    - `blocks`: the residual stream after each block, `blocks[k]` after the (k+1)-th block (so the
-        paper's 1-based "block 3" is `blocks[2]`). In the compute dtype of the model.
+    - `blocks`: the residual stream after each tapped block, in the order of `tap_blocks`; by
+        default every block, `blocks[k]` after the (k+1)-th block (so the paper's 1-based
+        "block 3" is `blocks[2]`). In the compute dtype of the model.
     - `c`: the conditioning vector `t_emb + y_emb` fed to every adaLN layer (after label dropout).
     """
 
-    blocks: Float[Array, "depth tokens dim"]
+    blocks: Float[Array, "taps tokens dim"]
     c: Float[Array, " dim"]
 
 
 class AbstractDiffusionModel(eqx.Module):
     """A network `(x_t, t, y) -> prediction` on one example, with typed taps.
 
-    Subclasses implement `forward_with_taps`; `__call__` is fixed to return its first output, so
-    the two can never disagree. Batching is `jax.vmap` by the caller.
+    Subclasses implement `depth` and `forward_with_taps`; `__call__` is fixed to return its first
+    output, so the two can never disagree. Batching is `jax.vmap` by the caller.
     """
+
+    @property
+    @abc.abstractmethod
+    def depth(self) -> int:
+        """Number of blocks that can be tapped."""
 
     @abc.abstractmethod
     def forward_with_taps(
@@ -38,8 +46,10 @@ class AbstractDiffusionModel(eqx.Module):
         y: Int[Array, ""],
         *,
         key: PRNGKeyArray | None = None,
+        tap_blocks: Sequence[int] | None = None,
     ) -> tuple[Float[Array, "c_out h w"], eqx.Module]:
-        """Run the network on one example and return `(prediction, taps)`."""
+        """Run the network on one example and return `(prediction, taps)`, tapped after the
+        0-based blocks `tap_blocks` (increasing; `None` for every block)."""
 
     def __call__(
         self,
@@ -53,4 +63,4 @@ class AbstractDiffusionModel(eqx.Module):
 
         **Returns:** the prediction only.
         """
-        return self.forward_with_taps(x, t, y, key=key)[0]
+        return self.forward_with_taps(x, t, y, key=key, tap_blocks=())[0]

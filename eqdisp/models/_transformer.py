@@ -5,11 +5,13 @@ mirror the PyTorch state dict (`x_embedder.proj`, `blocks.qkv`, `final_layer.lin
 `adaLN_modulation.1` spelled `adaln_modulation`, so a weight loader is a renaming plus reshapes.
 """
 
+from collections.abc import Sequence
 from typing import Literal
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from ._base import AbstractDiffusionModel, Taps
@@ -53,6 +55,20 @@ def _cast_floating(tree: PyTree, dtype: jnp.dtype) -> PyTree:
     # Casting inside the forward keeps float32 master weights: the gradient of `astype` casts the
     # cotangent back, so gradients arrive in float32 at the float32 leaves.
     return jax.tree.map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, tree)
+
+
+def _check_tap_blocks(tap_blocks: Sequence[int] | None, depth: int) -> tuple[int, ...]:
+    if tap_blocks is None:
+        return tuple(range(depth))
+    blocks = tuple(tap_blocks)
+    if not all(isinstance(b, (int, np.integer)) and 0 <= b < depth for b in blocks) or list(
+        blocks
+    ) != sorted(set(blocks)):
+        raise ValueError(
+            f"tap_blocks={tap_blocks!r} is not allowed: expected increasing 0-based block indices "
+            f"below the depth {depth}, or None for every block"
+        )
+    return tuple(int(b) for b in blocks)
 
 
 def _unstack(tree: PyTree, n: int) -> list[PyTree]:
@@ -143,7 +159,9 @@ class TransformerBlock(eqx.Module):
         """fc1 (4D) -> tanh-approximated GELU -> fc2 (timm `Mlp`)."""
         return dense(self.fc2, jax.nn.gelu(dense(self.fc1, x), approximate=True))
 
-    def __call__(self, x: Float[Array, "tokens dim"], c: Float[Array, " dim"]) -> Float[Array, "tokens dim"]:
+    def __call__(
+        self, x: Float[Array, "tokens dim"], c: Float[Array, " dim"]
+    ) -> Float[Array, "tokens dim"]:
         """**Arguments:** `x` the residual stream, `c` the conditioning vector.
 
         **Returns:** the residual stream after this block.
@@ -179,13 +197,13 @@ def _check_architecture(
     if depth < 1:
         raise ValueError(f"depth={depth} is not allowed: expected a positive int")
     if patch_size < 1 or input_size % patch_size != 0:
-        raise ValueError(
-            f"input_size={input_size} is not divisible by patch_size={patch_size}"
-        )
+        raise ValueError(f"input_size={input_size} is not divisible by patch_size={patch_size}")
     if num_heads < 1 or dim % num_heads != 0:
         raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
     if dim % 4 != 0:
-        raise ValueError(f"dim={dim} is not allowed: expected a multiple of 4 (2-D sin-cos position embedding)")
+        raise ValueError(
+            f"dim={dim} is not allowed: expected a multiple of 4 (2-D sin-cos position embedding)"
+        )
 
 
 class DiffusionTransformer(AbstractDiffusionModel):
@@ -201,8 +219,9 @@ class DiffusionTransformer(AbstractDiffusionModel):
     0.10.2, SiT-S/2 train step, no remat) scan is 2.8x faster at batch 8 and 6% slower at batch
     32, but with `remat="dots"` it is 1.29x faster at batch 32 (5.04 s against 6.50 s), and it
     compiles in seconds (SiT-XL/2: 6 s against 86 s unrolled); on an H200 (jax 0.11.2, bfloat16)
-    unrolled blocks make the SiT-B/2 batch-256 step 1.55x faster. Reading one tap adds no FLOPs under
-    either (a few % temp memory for the stacked taps).
+    unrolled blocks make the SiT-B/2 batch-256 step 1.55x faster. Taps cost what is asked for:
+    `forward_with_taps(..., tap_blocks=(2,))` returns block 3 alone, which under scan rides in the
+    carry rather than in a stacked `(depth, tokens, dim)` output.
 
     The position embedding is not a leaf: it is a NumPy constant added at trace time, so
     `eqx.filter(model, eqx.is_inexact_array)` is exactly the trainable parameters.
@@ -293,11 +312,17 @@ class DiffusionTransformer(AbstractDiffusionModel):
         if self.family not in ("SiT", "DiT"):
             raise ValueError(f"family={self.family!r} is not allowed: expected 'SiT' or 'DiT'")
         if self.block_impl not in ("unroll", "scan"):
-            raise ValueError(f"block_impl={self.block_impl!r} is not allowed: expected 'unroll' or 'scan'")
+            raise ValueError(
+                f"block_impl={self.block_impl!r} is not allowed: expected 'unroll' or 'scan'"
+            )
         if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype={self.dtype!r} is not allowed: expected 'float32' or 'bfloat16'")
+            raise ValueError(
+                f"dtype={self.dtype!r} is not allowed: expected 'float32' or 'bfloat16'"
+            )
         if self.remat not in _REMAT_POLICIES:
-            raise ValueError(f"remat={self.remat!r} is not allowed: expected 'none', 'dots' or 'full'")
+            raise ValueError(
+                f"remat={self.remat!r} is not allowed: expected 'none', 'dots' or 'full'"
+            )
 
     # -- sizes -------------------------------------------------------------------------------
 
@@ -357,14 +382,16 @@ class DiffusionTransformer(AbstractDiffusionModel):
         """The `index`-th (0-based) block as an unstacked module."""
         return jax.tree.map(lambda a: a[index] if eqx.is_array(a) else a, self.blocks)
 
-    def unpatchify(self, tokens: Float[Array, "tokens patch_features"]) -> Float[Array, "c_out h w"]:
+    def unpatchify(
+        self, tokens: Float[Array, "tokens patch_features"]
+    ) -> Float[Array, "c_out h w"]:
         """Final-layer token outputs to an image with all `2 * in_channels` (or `in_channels`) channels."""
         channels = self.final_layer.linear.weight.shape[0] // self.patch_size**2
         return unpatchify(tokens, self.patch_size, channels)
 
     def _run_blocks(
-        self, h: Float[Array, "tokens dim"], c: Float[Array, " dim"]
-    ) -> tuple[Float[Array, "tokens dim"], Float[Array, "depth tokens dim"]]:
+        self, h: Float[Array, "tokens dim"], c: Float[Array, " dim"], tap_blocks: tuple[int, ...]
+    ) -> tuple[Float[Array, "tokens dim"], Float[Array, "taps tokens dim"]]:
         dynamic, static = eqx.partition(self.blocks, eqx.is_array)
 
         def block(params, h):
@@ -372,20 +399,40 @@ class DiffusionTransformer(AbstractDiffusionModel):
 
         if self.remat != "none":
             block = jax.checkpoint(block, policy=_REMAT_POLICIES[self.remat])
-        if self.block_impl == "scan":
+        if self.block_impl == "unroll":
+            outs = []
+            for params in _unstack(dynamic, self.depth):
+                h = block(params, h)
+                outs.append(h)
+            taps = [outs[i] for i in tap_blocks]
+            return h, jnp.stack(taps) if taps else jnp.zeros((0, *h.shape), h.dtype)
+        if tap_blocks == tuple(range(self.depth)):
 
             def step(carry, params):
                 out = block(params, carry)
                 return out, out  # ys are exactly the taps
 
             return jax.lax.scan(step, h, dynamic)
-        outs = []
-        for params in _unstack(dynamic, self.depth):
+        # Some blocks only: the taps ride in the carry and are written at their blocks alone. XLA
+        # cannot shrink a scan's stacked `ys` to the slices a loss reads, and for SiT-S/2 batch 32
+        # that (depth, tokens, dim) buffer, its transposes and its padded cotangent cost 1.0 GB of
+        # memory traffic a step (0.26 GB this way, with the loss itself).
+        slot = np.full(self.depth, -1, np.int32)
+        slot[list(tap_blocks)] = np.arange(len(tap_blocks))
+
+        def step_tapped(carry, xs):
+            h, taps = carry
+            params, k = xs
             h = block(params, h)
-            outs.append(h)
-        # Stacking costs no FLOPs; measured on SiT-S/2 batch 8 (value_and_grad), a loss reading
-        # taps.blocks[2] adds ~3% temp memory (the stacked taps) and no measurable time.
-        return h, jnp.stack(outs)
+            if tap_blocks:
+                taps = jax.lax.cond(
+                    k >= 0, lambda: jax.lax.dynamic_update_index_in_dim(taps, h, k, 0), lambda: taps
+                )
+            return (h, taps), None
+
+        taps = jnp.zeros((len(tap_blocks), *h.shape), h.dtype)
+        (h, taps), _ = jax.lax.scan(step_tapped, (h, taps), (dynamic, jnp.asarray(slot)))
+        return h, taps
 
     def forward_with_taps(
         self,
@@ -394,6 +441,7 @@ class DiffusionTransformer(AbstractDiffusionModel):
         y: Int[Array, ""],
         *,
         key: PRNGKeyArray | None = None,
+        tap_blocks: Sequence[int] | None = None,
     ) -> tuple[Float[Array, "c_out h w"], Taps]:
         """Run the network on one example.
 
@@ -403,16 +451,20 @@ class DiffusionTransformer(AbstractDiffusionModel):
         - `t`: the time, used as given (SiT: `t` in [0, 1], t = 1 data; DiT: step 0..999).
         - `y`: the label; `num_classes` is the null label (unconditional).
         - `key`: pass a key in training to apply label dropout; `None` in evaluation.
+        - `tap_blocks`: the 0-based blocks whose outputs to return, increasing; `None` for every
+            block. Ask for only the blocks you read: under `lax.scan` the unread taps are not free.
 
         **Returns:** `(out, taps)`: `out` float32 with `out_channels` channels, and `Taps` with the
-        residual stream after every block and the conditioning vector, in the compute dtype.
+        residual stream after the `tap_blocks` blocks and the conditioning vector, in the compute
+        dtype.
         """
+        tap_blocks = _check_tap_blocks(tap_blocks, self.depth)
         model = self
         if self.dtype != "float32":
             model = _cast_floating(self, jnp.dtype(self.dtype))
         h = model.embed(x)
         c = model.condition(t, y, key=key)
-        h, blocks = model._run_blocks(h, c)
+        h, blocks = model._run_blocks(h, c, tap_blocks)
         # Output in float32 whatever the compute dtype (the loss is accumulated in float32).
         out = model.unpatchify(model.final_layer(h, c).astype(jnp.float32))
         return out[: self.out_channels], Taps(blocks=blocks, c=c)
