@@ -159,9 +159,15 @@ def space_timesteps(num_timesteps: int, section_counts: int | str) -> tuple[int,
     ``{0, 4, 8, ..., 995, 999}``; for some other counts an exact ``.5`` tie rounds the other way
     (``N = 999`` keeps 499 where ``round(linspace)`` has 500), and DiT's accumulation is kept.
     """
+    accepted = "a step count such as 250, counts per section such as '10,15,20', or 'ddimN'"
     if isinstance(section_counts, str):
+        spec = section_counts.removeprefix("ddim")
+        if not all(part.strip().isdigit() for part in spec.split(",")) or (
+            spec != section_counts and "," in spec
+        ):
+            raise ConfigError(f"steps={section_counts!r} is not allowed: expected {accepted}")
         if section_counts.startswith("ddim"):
-            desired = int(section_counts[len("ddim") :])
+            desired = int(spec)
             for stride in range(1, num_timesteps):
                 if len(range(0, num_timesteps, stride)) == desired:
                     return tuple(range(0, num_timesteps, stride))

@@ -126,6 +126,9 @@ def test_bad_arguments_raise():
 
     with pytest.raises(ConfigError, match="steps=1001"):
         space_timesteps(T, 1001)
+    for bad in ("", "abc", "ddim", "10,", "ddim5,5"):
+        with pytest.raises(ConfigError, match=rf"^steps={bad!r} is not allowed: expected a step count"):
+            space_timesteps(T, bad)
     with pytest.raises(ConfigError, match="schedule='quadratic'"):
         make_diffusion(schedule="quadratic")
     with pytest.raises(ConfigError, match="num_timesteps=1"):

@@ -76,8 +76,13 @@ def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
-def _numpy_rng(key: PRNGKeyArray) -> np.random.Generator:
-    return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+def _numpy_rng(key: PRNGKeyArray) -> np.random.Generator | None:
+    """A NumPy generator seeded by the key's bits, or None when the key is traced."""
+    try:
+        bits = np.asarray(jax.random.key_data(key))
+    except jax.errors.TracerArrayConversionError:
+        return None
+    return np.random.default_rng(bits.ravel().tolist())
 
 
 # Random init draws with NumPy, seeded by the key's bits, when the key is concrete: eager
@@ -86,17 +91,17 @@ def _numpy_rng(key: PRNGKeyArray) -> np.random.Generator:
 
 
 def _normal(key: PRNGKeyArray, shape: tuple[int, ...]) -> Float[Array, "..."]:
-    if isinstance(key, jax.core.Tracer):
+    if (rng := _numpy_rng(key)) is None:
         return jax.random.normal(key, shape, jnp.float32)
-    return jnp.asarray(_numpy_rng(key).standard_normal(shape, np.float32))
+    return jnp.asarray(rng.standard_normal(shape, np.float32))
 
 
 def _uniform(
     key: PRNGKeyArray, shape: tuple[int, ...], low: float, high: float
 ) -> Float[Array, "..."]:
-    if isinstance(key, jax.core.Tracer):
+    if (rng := _numpy_rng(key)) is None:
         return jax.random.uniform(key, shape, jnp.float32, low, high)
-    return jnp.asarray(_numpy_rng(key).uniform(low, high, shape).astype(np.float32))
+    return jnp.asarray(rng.uniform(low, high, shape).astype(np.float32))
 
 
 class BasicConv2d(eqx.Module):
