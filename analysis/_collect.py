@@ -8,8 +8,10 @@ end: step `round((1 - t) * (T - 1))` (`model_time`).
 
 The work is batched (`jax.vmap` over examples, a Python loop over batches and times only) and
 reduced per time on device: only the reduced metrics and the token-pooled features (for the
-probes) leave it. The spectra need all examples of a block at once, so their peak memory is
-`examples x blocks x tokens x dim` floats per time; bound it with `blocks` and `examples`.
+probes) leave it. The spectra need all examples of a block at once, so their peak memory grows
+as `examples x blocks x tokens x dim` float32 per time (two to three such arrays: the batches'
+outputs, their concatenation, the reduction's working copies); bound it with `blocks` and
+`examples`. The forward returns only the analysed blocks (`tap_blocks`).
 """
 
 import dataclasses
@@ -227,7 +229,8 @@ def load_inputs(config: ExperimentConfig, options: Options) -> Inputs:
 
 
 def check_comparable(configs: Sequence[ExperimentConfig], names: Sequence[str]) -> None:
-    """Runs compared side by side must take the same inputs (shape, classes) and data."""
+    """Runs compared side by side must take the same inputs (channels, size, classes): every run
+    is fed the same examples, drawn from the first run's data configuration."""
     first = configs[0]
     for cfg, name in zip(configs[1:], names[1:]):
         for field in ("in_channels", "input_size", "num_classes"):

@@ -1,4 +1,5 @@
-"""Benchmarks that print figures: ``python -m cli.bench step SiT-S/2 --batch 32``, ``disp``, ``sample``."""
+"""Benchmarks that print figures: ``python -m cli.bench step SiT-S/2 --batch 32``, ``disp``,
+``sample``, and ``reference`` (the PyTorch SiT step on the same machine, when torch is installed)."""
 
 import dataclasses
 import json
@@ -7,7 +8,8 @@ from typing import Literal
 
 import tyro
 
-from eqdisp.config import DispConfig
+from eqdisp.config import ConfigError, DispConfig
+from eqdisp.models import parse_model_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,9 +76,45 @@ class Sample:
         return bench_sample(self.model, self.batch, steps=self.steps, method=self.method, evals=self.evals)
 
 
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """The PyTorch reference (the official SiT model and step) on this machine, to compare with
+    `step` and `sample`: one train step with AdamW, EMA and the dispersive term at the paper's
+    settings, or with `--nfe` one network evaluation. Needs `torch` (not an eqdisp dependency)."""
+
+    model: tyro.conf.Positional[str]
+    batch: int = 32
+    disp: bool = True
+    """Add the dispersive term (InfoNCE-L2, block depth/4, groups of 16, tau 0.5, lambda 0.5)."""
+    nfe: bool = False
+    """Time one forward pass without gradients instead of a train step."""
+    steps: int = 5
+    """Timed steps or evaluations (after warm-up)."""
+    threads: int | None = None
+    """PyTorch intra-op threads; default: torch's own choice (the physical cores)."""
+    json: pathlib.Path | None = None
+
+    def run(self) -> dict:
+        try:
+            from cli import _torch_sit  # imports torch
+        except ImportError as error:
+            raise ConfigError(
+                f"the PyTorch reference needs torch, which is not importable ({error}): "
+                "pip install torch"
+            ) from None
+        parse_model_name(self.model)  # a bad name is a one-line ConfigError before any work
+        if self.threads is not None:
+            _torch_sit.torch.set_num_threads(self.threads)
+        if self.nfe:
+            return _torch_sit.bench_reference_forward(self.model, self.batch, evals=self.steps)
+        return _torch_sit.bench_reference_step(
+            self.model, self.batch, disp=self.disp, steps=self.steps
+        )
+
+
 def main(argv: list[str] | None = None) -> dict:
     command = tyro.extras.subcommand_cli_from_dict(
-        {"step": Step, "disp": Disp, "sample": Sample}, prog="python -m cli.bench", args=argv
+        {"step": Step, "disp": Disp, "sample": Sample, "reference": Reference}, prog="python -m cli.bench", args=argv
     )
     figures = command.run()
     print(json.dumps(figures, indent=2))

@@ -67,6 +67,15 @@ def _timed(fn: Callable[[], object], steps: int) -> list[float]:
     return times
 
 
+def _compile(step, state, x, y):
+    """The step compiled for these arguments (called like `step`) and the seconds it took."""
+    start = time.perf_counter()
+    with warnings.catch_warnings():  # the batch is donated too; no output can reuse it
+        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+        program = step.lower(state, x, y).compile()
+    return program, time.perf_counter() - start
+
+
 def _setup(
     name: str,
     batch: int,
@@ -109,11 +118,8 @@ def bench_step(
     state, step, x, y = _setup(name, batch, disp, dtype, block_impl, attention, remat)
     model = state.model  # the "auto" choices, resolved
     block_impl, attention, remat = model.block_impl, model.blocks.attention_impl, model.remat
-    start = time.perf_counter()
-    with warnings.catch_warnings():  # the batch is donated too; no output can reuse it
-        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-        compiled = step.lower(state, x, y).compile().compiled  # equinox wraps jax's Compiled
-    compile_s = time.perf_counter() - start
+    program, compile_s = _compile(step, state, x, y)
+    compiled = program.compiled  # equinox wraps jax's Compiled
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     memory = compiled.memory_analysis()
@@ -122,7 +128,7 @@ def bench_step(
 
     def run():
         # Fresh copies each step: the step donates its inputs.
-        holder["state"], metrics = step(holder["state"], x + 0.0, y + 0)
+        holder["state"], metrics = program(holder["state"], x + 0.0, y + 0)
         return metrics
 
     _timed(run, warmup)
@@ -158,42 +164,67 @@ def bench_step(
             "arguments": round(memory.argument_size_in_bytes / gib, 3),
             "outputs": round(memory.output_size_in_bytes / gib, 3),
             "temporaries": round(memory.temp_size_in_bytes / gib, 3),
-            "process_peak_rss": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+            "process_peak_rss": round(
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3
+            ),
             "device_peak": round(device_peak / gib, 3) if device_peak is not None else None,
         },
     }
 
 
 def bench_disp(name: str, batch: int, *, disp: DispConfig = DispConfig(), rounds: int = 5) -> dict:
-    """The same step with the dispersive term on and off, interleaved; the time ratio on / off."""
-    runs = {}
+    """The same step with the dispersive term on and off, interleaved; the time ratio on / off.
+
+    Wall time on a shared CPU varies by a few % between rounds, so a 1% question needs many
+    rounds (``rounds=40`` for SiT-S/2). The compiled programs' temporary memory and XLA's count
+    of bytes accessed (loop bodies counted once) are exact and tell what the term adds.
+    """
+    runs, programs = {}, {}
     for label, config in (("off", DispConfig(variant="none")), ("on", disp)):
         state, step, x, y = _setup(name, batch, config)
+        program, _ = _compile(step, state, x, y)
+        compiled = program.compiled
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        programs[label] = (
+            compiled.memory_analysis().temp_size_in_bytes,
+            float(cost.get("bytes accessed", float("nan"))) if cost else float("nan"),
+        )
         holder = {"state": state}
 
-        def run(step=step, holder=holder, x=x, y=y):
-            holder["state"], metrics = step(holder["state"], x + 0.0, y + 0)
+        def run(program=program, holder=holder, x=x, y=y):
+            holder["state"], metrics = program(holder["state"], x + 0.0, y + 0)
             return metrics
 
         _timed(run, 2)
         runs[label] = run
-    ratios = []
+    times = {"off": [], "on": []}
     for _ in range(rounds):
-        off = _timed(runs["off"], 1)[0]
-        on = _timed(runs["on"], 1)[0]
-        ratios.append(on / off)
+        for label in ("off", "on"):
+            times[label] += _timed(runs[label], 1)
+    ratios = [on / off for on, off in zip(times["on"], times["off"])]
+    (temp_off, bytes_off), (temp_on, bytes_on) = programs["off"], programs["on"]
     return {
         "model": name,
         "batch": batch,
         "variant": disp.variant,
         "blocks": disp.blocks,
+        "rounds": rounds,
+        "step_s_median_off": round(statistics.median(times["off"]), 4),
+        "step_s_median_on": round(statistics.median(times["on"]), 4),
         "ratio_on_off_min": round(min(ratios), 4),
         "ratio_on_off_median": round(statistics.median(ratios), 4),
         "ratio_on_off_max": round(max(ratios), 4),
+        "temporaries_mib_off": round(temp_off / 2**20, 1),
+        "temporaries_mib_on": round(temp_on / 2**20, 1),
+        "xla_gbytes_accessed_off": round(bytes_off / 1e9, 3),
+        "xla_gbytes_accessed_on": round(bytes_on / 1e9, 3),
     }
 
 
-def bench_sample(name: str, batch: int, *, steps: int = 250, method: str = "heun", evals: int = 0) -> dict:
+def bench_sample(
+    name: str, batch: int, *, steps: int = 250, method: str = "heun", evals: int = 0
+) -> dict:
     """Milliseconds per network evaluation and images/s of the ODE sampler.
 
     With ``evals > 0`` only that many grid points are integrated and the full ``steps`` run is
@@ -205,7 +236,9 @@ def bench_sample(name: str, batch: int, *, steps: int = 250, method: str = "heun
     config = SamplerConfig(ode_method=method, steps=grid)
     x = jr.normal(jr.key(1), (batch, 4, 32, 32), jnp.float32)
     y = jnp.arange(batch, dtype=jnp.int32) % 1000
-    run = eqx.filter_jit(lambda m, x: sample(m, x, y, key=jr.key(2), transport=transport, config=config))
+    run = eqx.filter_jit(
+        lambda m, x: sample(m, x, y, key=jr.key(2), transport=transport, config=config)
+    )
     start = time.perf_counter()
     jax.block_until_ready(run(model, x))
     first_s = time.perf_counter() - start
