@@ -162,7 +162,7 @@ def space_timesteps(num_timesteps: int, section_counts: int | str) -> tuple[int,
     accepted = "a step count such as 250, counts per section such as '10,15,20', or 'ddimN'"
     if isinstance(section_counts, str):
         spec = section_counts.removeprefix("ddim")
-        if not all(part.strip().isdigit() for part in spec.split(",")) or (
+        if not all(part.strip().isdecimal() for part in spec.split(",")) or (
             spec != section_counts and "," in spec
         ):
             raise ConfigError(f"steps={section_counts!r} is not allowed: expected {accepted}")

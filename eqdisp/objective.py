@@ -2,8 +2,8 @@
 
 ``L = mean_i L_diff(x_i) + lambda * mean_b L_disp({z_i^b})`` where ``z^b`` is the output of block b of
 the model on the noised batch (``Taps.blocks``). With ``disp.variant == "none"`` or
-``disp.weight == 0`` the taps are never read, so the traced program is *the* baseline program: same
-numbers, same speed (XLA removes the unused taps).
+``disp.weight == 0`` the model is asked for no taps, so the traced program is *the* baseline
+program: same numbers, same speed.
 
 The contrastive counterparts of paper Table 2 run a second noised view of every example through
 the model and replace the dispersive term by ``contrastive_loss(z, z_pos)``; as in the paper, only
@@ -127,7 +127,8 @@ def diffusion_loss(
 
     **Arguments:**
 
-    - `model`: an eqdisp model with ``forward_with_taps(x, t, y, *, key)`` on one example.
+    - `model`: an eqdisp model (``AbstractDiffusionModel``: ``depth`` and
+        ``forward_with_taps(x, t, y, *, key, tap_blocks)`` on one example).
     - `x1`: a batch of data (images or latents); eqdisp's time convention is in ``eqdisp.transport``.
     - `y`: class labels.
     - `key`: randomness for the noise, the times and label dropout.
@@ -145,7 +146,8 @@ def diffusion_loss(
     t = transport.sample_train_time(key_time, (batch,))
     drop_keys = jr.split(key_drop, batch)
 
-    # Tap only the regularised blocks (none for the baseline): unread taps are not free under scan.
+    # Tap only the regularised blocks (none for the baseline): under scan, slicing some taps out of
+    # all of them keeps the whole (depth, tokens, dim) stack and its cotangent alive.
     tap_blocks = disp.block_indices(model.depth) if disp.active else ()
 
     def forward(x0_i, x1_i, t_i, y_i, key_i):

@@ -521,6 +521,22 @@ def test_tap_blocks_select_values_and_gradients(getkey, block_impl, tap_blocks):
         np.testing.assert_allclose(gs, ga, rtol=1e-4, atol=1e-4)  # sums ~ 50
 
 
+def test_tap_blocks_in_bfloat16_under_scan(getkey):
+    # The carried tap buffer takes the compute dtype and holds what the full taps hold.
+    model = _perturb(_tiny(getkey, block_impl="scan", dtype="bfloat16"), getkey())
+    x, t, y = _example(getkey(), model)
+    forward = eqx.filter_jit(model.forward_with_taps)
+    _, every = forward(x, t, y)
+    _, some = forward(x, t, y, tap_blocks=(1, 4))
+    assert some.blocks.dtype == jnp.bfloat16 and some.blocks.shape[0] == 2
+    np.testing.assert_allclose(
+        np.asarray(some.blocks, np.float32),
+        np.asarray(every.blocks[1::3], np.float32),
+        rtol=2e-2,
+        atol=2e-2,
+    )
+
+
 @pytest.mark.parametrize("tap_blocks", [(3, 2), (2, 2), (6,), (-1,)])
 def test_bad_tap_blocks_are_one_line_errors(getkey, tap_blocks):
     model = _tiny(getkey)

@@ -10,9 +10,9 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 class Taps(eqx.Module):
     """Intermediate activations of a transformer, returned as data (never collected by side effect).
 
-    A model returns the blocks its caller asks for (`tap_blocks`): XLA does not shrink a scan's
-    stacked outputs to the slices a loss reads, so taps that are returned but never read still
-    cost memory traffic (see `DiffusionTransformer._run_blocks`).
+    A model returns the blocks its caller asks for (`tap_blocks`): taps nobody reads are removed
+    by XLA, but XLA does not shrink a scan's stacked outputs to the slices a loss reads, so
+    reading one tap out of all of them keeps the whole stack alive (see `_run_blocks`).
 
     **Fields:**
 

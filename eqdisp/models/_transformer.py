@@ -452,7 +452,8 @@ class DiffusionTransformer(AbstractDiffusionModel):
         - `y`: the label; `num_classes` is the null label (unconditional).
         - `key`: pass a key in training to apply label dropout; `None` in evaluation.
         - `tap_blocks`: the 0-based blocks whose outputs to return, increasing; `None` for every
-            block. Ask for only the blocks you read: under `lax.scan` the unread taps are not free.
+            block. Ask for only the blocks you read: under `lax.scan`, reading one tap out of all
+            of them keeps the whole `(depth, tokens, dim)` stack alive.
 
         **Returns:** `(out, taps)`: `out` float32 with `out_channels` channels, and `Taps` with the
         residual stream after the `tap_blocks` blocks and the conditioning vector, in the compute
