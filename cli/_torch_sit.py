@@ -117,6 +117,16 @@ def _dispersive(z: torch.Tensor, group: int = 16, tau: float = 0.5) -> torch.Ten
     return (torch.logsumexp(-dist.flatten(1) / tau, dim=-1) - math.log(group * group)).mean()
 
 
+def _describe(name: str, batch: int) -> dict:
+    return {
+        "impl": "pytorch",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "model": name,
+        "batch": batch,
+    }
+
+
 def _timed(fn, steps: int, warmup: int) -> list[float]:
     for _ in range(warmup):
         fn()
@@ -163,11 +173,7 @@ def bench_reference_step(
     times = _timed(step, steps, warmup)
     median = statistics.median(times)
     return {
-        "impl": "pytorch",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "model": name,
-        "batch": batch,
+        **_describe(name, batch),
         "variant": "infonce_l2" if disp else "none",
         "step_s_median": round(median, 4),
         "step_s_min": round(min(times), 4),
@@ -186,10 +192,6 @@ def bench_reference_forward(name: str, batch: int, *, evals: int = 6) -> dict:
     with torch.no_grad():
         times = _timed(lambda: model(x, t, y), evals, warmup=1)
     return {
-        "impl": "pytorch",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "model": name,
-        "batch": batch,
+        **_describe(name, batch),
         "ms_per_nfe": round(1000 * statistics.median(times), 1),
     }
