@@ -13,6 +13,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -67,13 +68,34 @@ def _timed(fn: Callable[[], object], steps: int) -> list[float]:
     return times
 
 
-def _compile(step, state, x, y):
-    """The step compiled for these arguments (called like `step`) and the seconds it took."""
+class _Program(NamedTuple):
+    run: Callable[[], object]
+    """One train step, carrying the state from step to step."""
+    compile_s: float
+    cost: dict
+    """XLA's cost analysis (a while loop's body is counted once)."""
+    memory: Any
+    """XLA's memory analysis."""
+
+
+def _compile(step, state, x, y) -> _Program:
+    """The train step compiled once for these arguments, and what XLA says of the program."""
     start = time.perf_counter()
     with warnings.catch_warnings():  # the batch is donated too; no output can reuse it
         warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
         program = step.lower(state, x, y).compile()
-    return program, time.perf_counter() - start
+    compile_s = time.perf_counter() - start
+    compiled = program.compiled  # equinox wraps jax's Compiled
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, list) else cost) or {}
+    holder = {"state": state}
+
+    def run():
+        # Fresh copies each step: the step donates its inputs.
+        holder["state"], metrics = program(holder["state"], x + 0.0, y + 0)
+        return metrics
+
+    return _Program(run, compile_s, cost, compiled.memory_analysis())
 
 
 def _setup(
@@ -118,23 +140,12 @@ def bench_step(
     state, step, x, y = _setup(name, batch, disp, dtype, block_impl, attention, remat)
     model = state.model  # the "auto" choices, resolved
     block_impl, attention, remat = model.block_impl, model.blocks.attention_impl, model.remat
-    program, compile_s = _compile(step, state, x, y)
-    compiled = program.compiled  # equinox wraps jax's Compiled
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    memory = compiled.memory_analysis()
-
-    holder = {"state": state}
-
-    def run():
-        # Fresh copies each step: the step donates its inputs.
-        holder["state"], metrics = program(holder["state"], x + 0.0, y + 0)
-        return metrics
-
-    _timed(run, warmup)
-    times = _timed(run, steps)
+    program = _compile(step, state, x, y)
+    memory = program.memory
+    _timed(program.run, warmup)
+    times = _timed(program.run, steps)
     step_s = statistics.median(times)
-    flops_xla = float(cost.get("flops", 0.0)) / batch if cost else float("nan")
+    flops_xla = float(program.cost.get("flops", 0.0)) / batch if program.cost else float("nan")
     flops_analytic = analytic_flops_per_image(name)
     achieved = flops_analytic * batch / step_s / 1e9
     gib = 2.0**30
@@ -149,7 +160,7 @@ def bench_step(
         "attention": attention,
         "remat": remat,
         "device": device.device_kind,
-        "compile_s": round(compile_s, 2),
+        "compile_s": round(program.compile_s, 2),
         "step_s_median": round(step_s, 4),
         "step_s_min": round(min(times), 4),
         "step_s_max": round(max(times), 4),
@@ -179,31 +190,17 @@ def bench_disp(name: str, batch: int, *, disp: DispConfig = DispConfig(), rounds
     rounds (``rounds=40`` for SiT-S/2). The compiled programs' temporary memory and XLA's count
     of bytes accessed (loop bodies counted once) are exact and tell what the term adds.
     """
-    runs, programs = {}, {}
+    programs = {}
     for label, config in (("off", DispConfig(variant="none")), ("on", disp)):
         state, step, x, y = _setup(name, batch, config)
-        program, _ = _compile(step, state, x, y)
-        compiled = program.compiled
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
-        programs[label] = (
-            compiled.memory_analysis().temp_size_in_bytes,
-            float(cost.get("bytes accessed", float("nan"))) if cost else float("nan"),
-        )
-        holder = {"state": state}
-
-        def run(program=program, holder=holder, x=x, y=y):
-            holder["state"], metrics = program(holder["state"], x + 0.0, y + 0)
-            return metrics
-
-        _timed(run, 2)
-        runs[label] = run
+        programs[label] = _compile(step, state, x, y)
+        _timed(programs[label].run, 2)
     times = {"off": [], "on": []}
     for _ in range(rounds):
         for label in ("off", "on"):
-            times[label] += _timed(runs[label], 1)
+            times[label] += _timed(programs[label].run, 1)
     ratios = [on / off for on, off in zip(times["on"], times["off"])]
-    (temp_off, bytes_off), (temp_on, bytes_on) = programs["off"], programs["on"]
+    off, on = programs["off"], programs["on"]
     return {
         "model": name,
         "batch": batch,
@@ -215,10 +212,10 @@ def bench_disp(name: str, batch: int, *, disp: DispConfig = DispConfig(), rounds
         "ratio_on_off_min": round(min(ratios), 4),
         "ratio_on_off_median": round(statistics.median(ratios), 4),
         "ratio_on_off_max": round(max(ratios), 4),
-        "temporaries_mib_off": round(temp_off / 2**20, 1),
-        "temporaries_mib_on": round(temp_on / 2**20, 1),
-        "xla_gbytes_accessed_off": round(bytes_off / 1e9, 3),
-        "xla_gbytes_accessed_on": round(bytes_on / 1e9, 3),
+        "temporaries_mib_off": round(off.memory.temp_size_in_bytes / 2**20, 1),
+        "temporaries_mib_on": round(on.memory.temp_size_in_bytes / 2**20, 1),
+        "xla_gbytes_accessed_off": round(off.cost.get("bytes accessed", float("nan")) / 1e9, 3),
+        "xla_gbytes_accessed_on": round(on.cost.get("bytes accessed", float("nan")) / 1e9, 3),
     }
 
 
