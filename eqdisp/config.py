@@ -7,7 +7,7 @@ which ``tyro`` shows in ``--help``. Each ``__post_init__`` validates its fields 
 """
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 
 class ConfigError(Exception):
@@ -73,10 +73,10 @@ class ModelConfig:
             self.class_dropout_prob,
             "a probability in [0, 1)",
         )
-        _check_choice("model.block_impl", self.block_impl, ("auto", "unroll", "scan"))
-        _check_choice("model.dtype", self.dtype, ("float32", "bfloat16"))
-        _check_choice("model.attention", self.attention, ("auto", "einsum", "xla", "cudnn"))
-        _check_choice("model.remat", self.remat, ("auto", "none", "dots", "full"))
+        _check_choice("model.block_impl", self.block_impl, get_args(BlockImpl))
+        _check_choice("model.dtype", self.dtype, get_args(ComputeDtype))
+        _check_choice("model.attention", self.attention, get_args(AttentionImpl))
+        _check_choice("model.remat", self.remat, get_args(Remat))
         _check(
             self.attention != "cudnn" or self.dtype == "bfloat16",
             "model.attention",
@@ -136,7 +136,7 @@ class DispConfig:
         )
         _check(self.margin > 0.0, "disp.margin", self.margin, "a number > 0")
         _check(self.offdiag_weight >= 0.0, "disp.offdiag_weight", self.offdiag_weight, "a number >= 0")
-        _check_choice("disp.contrastive", self.contrastive, ("off", "independent", "restricted"))
+        _check_choice("disp.contrastive", self.contrastive, get_args(ContrastiveMode))
         _check(
             self.contrastive == "off" or self.variant != "none",
             "disp.contrastive",
@@ -229,9 +229,9 @@ class TransportConfig:
     """Same for sampling; None uses SiT's defaults."""
 
     def __post_init__(self):
-        _check_choice("transport.path", self.path, ("Linear", "GVP", "VP"))
-        _check_choice("transport.prediction", self.prediction, ("velocity", "noise", "score"))
-        _check_choice("transport.loss_weight", self.loss_weight, ("none", "velocity", "likelihood"))
+        _check_choice("transport.path", self.path, get_args(PathType))
+        _check_choice("transport.prediction", self.prediction, get_args(Prediction))
+        _check_choice("transport.loss_weight", self.loss_weight, get_args(LossWeight))
         for name in ("train_eps", "sample_eps"):
             value = getattr(self, name)
             _check(value is None or 0.0 <= value < 0.5, f"transport.{name}", value, "None or in [0, 0.5)")
@@ -281,16 +281,12 @@ class SamplerConfig:
     """Guide only for t in [low, high], in eqdisp's time (t=1 data); REPA's guidance-high 0.7 is (0.3, 1.0)."""
 
     def __post_init__(self):
-        _check_choice("sampler.mode", self.mode, ("ode", "sde"))
-        _check_choice("sampler.ode_method", self.ode_method, ("euler", "heun", "dopri5"))
-        _check_choice("sampler.sde_method", self.sde_method, ("euler", "heun"))
+        _check_choice("sampler.mode", self.mode, get_args(SamplerMode))
+        _check_choice("sampler.ode_method", self.ode_method, get_args(OdeMethod))
+        _check_choice("sampler.sde_method", self.sde_method, get_args(SdeMethod))
         _check(self.steps >= 2, "sampler.steps", self.steps, "an int >= 2 (grid points)")
-        _check_choice(
-            "sampler.diffusion_form",
-            self.diffusion_form,
-            ("constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing"),
-        )
-        _check_choice("sampler.last_step", self.last_step, ("none", "Mean", "Tweedie", "Euler"))
+        _check_choice("sampler.diffusion_form", self.diffusion_form, get_args(DiffusionForm))
+        _check_choice("sampler.last_step", self.last_step, get_args(LastStep))
         _check(
             0.0 <= self.last_step_size < 1.0, "sampler.last_step_size", self.last_step_size, "in [0, 1)"
         )
@@ -370,7 +366,7 @@ class DataConfig:
     """Grain worker processes (0 reads in the training process; keep it fixed across a resume)."""
 
     def __post_init__(self):
-        _check_choice("data.source", self.source, ("digits", "folder", "latents", "synthetic"))
+        _check_choice("data.source", self.source, get_args(DataSource))
         _check(self.image_size > 0, "data.image_size", self.image_size, "a positive int")
         _check(self.workers >= 0, "data.workers", self.workers, "an int >= 0")
 
