@@ -9,7 +9,6 @@ from typing import Literal
 import tyro
 
 from eqdisp.config import ConfigError, DispConfig
-from eqdisp.models import parse_model_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +101,6 @@ class Reference:
                 f"the PyTorch reference needs torch, which is not importable ({error}): "
                 "pip install torch"
             ) from None
-        parse_model_name(self.model)  # a bad name is a one-line ConfigError before any work
         if self.threads is not None:
             _torch_sit.torch.set_num_threads(self.threads)
         if self.nfe:

@@ -61,9 +61,8 @@ def _check_tap_blocks(tap_blocks: Sequence[int] | None, depth: int) -> tuple[int
     if tap_blocks is None:
         return tuple(range(depth))
     blocks = tuple(tap_blocks)
-    if not all(isinstance(b, (int, np.integer)) and 0 <= b < depth for b in blocks) or list(
-        blocks
-    ) != sorted(set(blocks)):
+    in_range = all(isinstance(b, (int, np.integer)) and 0 <= b < depth for b in blocks)
+    if not in_range or list(blocks) != sorted(set(blocks)):
         raise ValueError(
             f"tap_blocks={tap_blocks!r} is not allowed: expected increasing 0-based block indices "
             f"below the depth {depth}, or None for every block"
