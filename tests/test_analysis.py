@@ -53,6 +53,30 @@ def test_effective_rank_of_orthogonal_matrix_is_its_rank():
     np.testing.assert_allclose(singular_values(jnp.asarray(z))[:6], expected, rtol=1e-4, atol=1e-4)
 
 
+def test_small_singular_values_are_accurate():
+    # Prescribed singular values 4, 1, 1e-2, 1e-3, 0, 0: float32 SVD is accurate to ~1e-7 of the
+    # largest, while square roots of Gram eigenvalues are off by ~1e-3 at the small end.
+    from analysis import singular_values
+
+    rng = np.random.default_rng(0)
+    n, tokens, dim = 6, 5, 8
+    u, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    v, _ = np.linalg.qr(rng.normal(size=(tokens * dim, n)))
+    a = (u * np.array([4.0, 1.0, 1e-2, 1e-3, 0.0, 0.0])) @ v.T
+    z = a.astype(np.float32)
+    expected = np.linalg.svd(z.astype(np.float64), compute_uv=False)
+    got = singular_values(jnp.asarray(z.reshape(n, tokens, dim)), center=False)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=4e-6)
+    # Centred, and with more examples than features (D < batch: zeros past D).
+    wide = rng.normal(size=(9, 2, 2)).astype(np.float32)
+    flat = wide.reshape(9, -1).astype(np.float64)
+    expected = np.linalg.svd(flat - flat.mean(0), compute_uv=False)
+    got = singular_values(jnp.asarray(wide))
+    assert got.shape == (9,)
+    np.testing.assert_allclose(got[:4], expected, rtol=1e-5, atol=4e-6)
+    np.testing.assert_array_equal(got[4:], 0.0)
+
+
 def test_uniformity_matches_numpy():
     from analysis import uniformity
 
