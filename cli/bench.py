@@ -1,5 +1,9 @@
 """Benchmarks that print figures: ``python -m cli.bench step SiT-S/2 --batch 32``, ``disp``,
-``sample``, and ``reference`` (the PyTorch SiT step on the same machine, when torch is installed)."""
+``sample``, and ``reference`` (the PyTorch SiT step on the same machine, when torch is installed).
+
+Prints a summary (``key: value unit``, the CPU first); ``--json PATH`` also writes every figure to
+a file, ``--json -`` prints the JSON instead of the summary.
+"""
 
 import dataclasses
 import json
@@ -28,8 +32,8 @@ class Step:
     """What the backward recomputes per block; ``auto``: ``dots`` on CPU, ``none`` elsewhere."""
     steps: int = 5
     """Timed steps (after 2 warm-up steps)."""
-    json: pathlib.Path | None = None
-    """Also write the figures to this JSON file."""
+    json: str | None = None
+    """Also write all figures as JSON to this file; ``-`` prints the JSON instead of the summary."""
 
     def run(self) -> dict:
         from eqdisp.bench import bench_step
@@ -48,7 +52,8 @@ class Disp:
     batch: int = 32
     disp: DispConfig = DispConfig()
     rounds: int = 5
-    json: pathlib.Path | None = None
+    json: str | None = None
+    """Also write all figures as JSON to this file; ``-`` prints the JSON instead of the summary."""
 
     def run(self) -> dict:
         from eqdisp.bench import bench_disp
@@ -67,7 +72,8 @@ class Sample:
     method: Literal["heun", "euler"] = "heun"
     evals: int = 0
     """If > 0, time only this many grid points and extrapolate to ``steps``."""
-    json: pathlib.Path | None = None
+    json: str | None = None
+    """Also write all figures as JSON to this file; ``-`` prints the JSON instead of the summary."""
 
     def run(self) -> dict:
         from eqdisp.bench import bench_sample
@@ -91,7 +97,8 @@ class Reference:
     """Timed steps or evaluations (after warm-up)."""
     threads: int | None = None
     """PyTorch intra-op threads; default: torch's own choice (the physical cores)."""
-    json: pathlib.Path | None = None
+    json: str | None = None
+    """Also write all figures as JSON to this file; ``-`` prints the JSON instead of the summary."""
 
     def run(self) -> dict:
         try:
@@ -101,13 +108,17 @@ class Reference:
                 f"the PyTorch reference needs torch, which is not importable ({error}): "
                 "pip install torch"
             ) from None
+        from eqdisp.bench import cpu_info
+
         if self.threads is not None:
             _torch_sit.torch.set_num_threads(self.threads)
         if self.nfe:
-            return _torch_sit.bench_reference_forward(self.model, self.batch, evals=self.steps)
-        return _torch_sit.bench_reference_step(
-            self.model, self.batch, disp=self.disp, steps=self.steps
-        )
+            figures = _torch_sit.bench_reference_forward(self.model, self.batch, evals=self.steps)
+        else:
+            figures = _torch_sit.bench_reference_step(
+                self.model, self.batch, disp=self.disp, steps=self.steps
+            )
+        return {**figures, "cpu": cpu_info()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -115,9 +126,12 @@ def main(argv: list[str] | None = None) -> dict:
         {"step": Step, "disp": Disp, "sample": Sample, "reference": Reference}, prog="python -m cli.bench", args=argv
     )
     figures = command.run()
-    print(json.dumps(figures, indent=2))
-    if command.json is not None:
-        command.json.write_text(json.dumps(figures, indent=2))
+    from eqdisp.bench import format_figures
+
+    text = json.dumps(figures, indent=2)
+    print(text if command.json == "-" else format_figures(figures))
+    if command.json not in (None, "-"):
+        pathlib.Path(command.json).write_text(text + "\n")
     return figures
 
 

@@ -1,7 +1,9 @@
 """Sample a trained run into an ADM sample batch: ``python -m cli.sample RUN --num N --out samples.npz``.
 
 Resumable: rerun the same command after a kill and only the missing batches are drawn. Sampler
-options default to the run's own ``config.sampler``; each flag given overrides one field.
+options default to the run's own ``config.sampler``; each flag given overrides one field. After
+the first batch it prints to stderr what the run will cost: the plan (images, batches, network
+evaluations per image), the compile and first-batch times, and the estimated total.
 """
 
 import dataclasses

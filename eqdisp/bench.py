@@ -5,9 +5,14 @@ MFU is measured against a matmul peak timed in the same process, in the step's c
 together. Model FLOPs are counted by XLA from the compiled step
 (``cost_analysis``, for unrolled blocks only: XLA counts a scan body once) and analytically (3x the
 forward's matmul FLOPs, the convention of the PyTorch reference figures); GFLOP/s and MFU use the
-analytic count.
+analytic count. Every result records the CPU it was measured on (`cpu_info`); `format_figures`
+turns a result into the lines ``python -m cli.bench`` prints.
 """
 
+import os
+import pathlib
+import platform
+import re
 import resource
 import statistics
 import time
@@ -25,6 +30,87 @@ from .models import make_model, parse_model_name
 from .samplers import sample
 from .train import init_train_state, make_optimizer, make_train_step
 from .transport import make_transport
+
+
+_ISA_FLAGS = (
+    ("AMX", ("amx_tile", "amx_bf16")),
+    ("AVX-512-BF16", ("avx512_bf16",)),
+    ("AVX-512", ("avx512f",)),
+    ("AVX2", ("avx2",)),
+)
+"""The ISA extensions that set a CPU's matmul speed, and the /proc/cpuinfo flags that show them."""
+
+
+def cpu_info(cpuinfo: str | None = None) -> dict:
+    """The CPU that figures are measured on: its model name, matmul ISA extensions and core count.
+
+    **Arguments:**
+
+    - `cpuinfo`: the text of ``/proc/cpuinfo``; None reads it. Where there is none (macOS,
+      Windows) the model is ``platform.processor()`` and the ISA list is empty.
+
+    **Returns:** ``{"model": str, "isa": list[str], "cores": int | None}``, e.g. ``{"model":
+    "Intel(R) Xeon(R) Processor", "isa": ["AMX", "AVX-512-BF16", "AVX-512", "AVX2"], "cores": 2}``
+    (``cores`` is ``os.cpu_count()``).
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = pathlib.Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields = {}
+    for line in cpuinfo.splitlines():  # the first processor's block is enough: all are alike
+        name, colon, value = line.partition(":")
+        if colon:
+            fields.setdefault(name.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    model = fields.get("model name") or platform.processor() or platform.machine() or "unknown"
+    isa = [name for name, needs in _ISA_FLAGS if flags.intersection(needs)]
+    return {"model": model, "isa": isa, "cores": os.cpu_count()}
+
+
+_UNITS = (
+    (r"images_per_s", "img/s"),
+    (r"gflop_s", "GFLOP/s"),
+    (r"gflop_per_image", "GFLOP/img"),
+    (r"gib", "GiB"),
+    (r"mib", "MiB"),
+    (r"gbytes", "GB"),
+    (r"^ms_", "ms"),
+    (r"(^|_)s(_|$)", "s"),  # compile_s, step_s_median, step_s_median_on, ...
+)
+"""The unit of a figure, from its key (the first pattern that matches)."""
+
+
+def _with_unit(key: str, value: object) -> str:
+    if value is None:
+        return "n/a"
+    unit = next((unit for pattern, unit in _UNITS if re.search(pattern, key)), "")
+    return f"{value} {unit}" if unit else str(value)
+
+
+def format_figures(figures: dict) -> str:
+    """The figures of a benchmark as aligned ``key: value unit`` lines, the CPU first.
+
+    A nested dict is flattened to one line per entry, ``memory_gib.temporaries: 0.21 GiB``, in
+    its key's unit; None reads ``n/a``.
+    """
+    lines = {}
+    if "cpu" in figures:
+        cpu = figures["cpu"]
+        isa = f" ({', '.join(cpu['isa'])})" if cpu["isa"] else ""
+        cores = f", {cpu['cores']} cores" if cpu["cores"] else ""
+        lines["cpu"] = f"{cpu['model']}{isa}{cores}"
+    for key, value in figures.items():
+        if key == "cpu":
+            continue
+        if isinstance(value, dict):
+            for name, entry in value.items():
+                lines[f"{key}.{name}"] = _with_unit(key, entry)
+        else:
+            lines[key] = _with_unit(key, value)
+    width = max(map(len, lines))
+    return "\n".join(f"{key:>{width}}: {text}" for key, text in lines.items())
 
 
 def matmul_peak(size: int | None = None, repeats: int = 10, dtype: str = "float32") -> float:
@@ -180,6 +266,7 @@ def bench_step(
             ),
             "device_peak": round(device_peak / gib, 3) if device_peak is not None else None,
         },
+        "cpu": cpu_info(),
     }
 
 
@@ -216,6 +303,7 @@ def bench_disp(name: str, batch: int, *, disp: DispConfig = DispConfig(), rounds
         "temporaries_mib_on": round(on.memory.temp_size_in_bytes / 2**20, 1),
         "xla_gbytes_accessed_off": round(off.cost.get("bytes accessed", float("nan")) / 1e9, 3),
         "xla_gbytes_accessed_on": round(on.cost.get("bytes accessed", float("nan")) / 1e9, 3),
+        "cpu": cpu_info(),
     }
 
 
@@ -254,4 +342,5 @@ def bench_sample(
         "first_call_s": round(first_s, 2),
         "ms_per_nfe": round(ms_per_nfe, 2),
         "images_per_s": round(batch / (ms_per_nfe * full_nfe / 1000), 4),
+        "cpu": cpu_info(),
     }

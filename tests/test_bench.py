@@ -11,20 +11,99 @@ def test_analytic_flops_match_the_reference_counts(name, gflop):
     assert analytic_flops_per_image(name) / 1e9 == pytest.approx(gflop, abs=0.005)
 
 
-def test_bench_step_and_disp_report_figures(tmp_path):
+def test_bench_step_and_disp_report_figures(tmp_path, capsys):
+    import json
+
     from cli.bench import main
 
     figures = main(
         ["step", "SiT-T/4", "--batch", "16", "--steps", "1", "--json", str(tmp_path / "s.json")]
     )
     assert figures["images_per_s"] > 0 and 0 < figures["mfu"] < 2
-    assert (tmp_path / "s.json").exists()
-    ratio = main(["disp", "SiT-T/4", "--batch", "16", "--rounds", "1"])
+    assert json.loads((tmp_path / "s.json").read_text()) == figures
+    # By default a readable summary, not JSON: the CPU first, then `key: value unit` lines.
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].strip().startswith(f"cpu: {figures['cpu']['model']}")
+    assert not lines[0].lstrip().startswith("{")
+    assert any(line.strip() == "model: SiT-T/4" for line in lines)
+    assert any(line.strip() == f"images_per_s: {figures['images_per_s']} img/s" for line in lines)
+    assert any(line.strip().startswith("memory_gib.temporaries: ") for line in lines)
+
+    ratio = main(["disp", "SiT-T/4", "--batch", "16", "--rounds", "1", "--json", "-"])
     assert ratio["ratio_on_off_median"] > 0 and ratio["rounds"] == 1
     assert (
         0 < ratio["temporaries_mib_off"]
         and 0 < ratio["xla_gbytes_accessed_off"] < ratio["xla_gbytes_accessed_on"]
     )
+    assert json.loads(capsys.readouterr().out) == ratio  # `--json -`: the JSON, no summary
+    assert not (tmp_path / "-").exists()
+
+
+def test_bench_sample_reports_figures_and_the_cpu(capsys):
+    from cli.bench import main
+    from eqdisp.bench import cpu_info
+
+    figures = main(["sample", "SiT-T/4", "--batch", "2", "--steps", "3"])
+    assert figures["nfe"] == 4 and figures["ms_per_nfe"] > 0 and figures["cpu"] == cpu_info()
+    out = capsys.readouterr().out
+    assert out.lstrip().startswith("cpu: ") and "ms_per_nfe: " in out and " img/s" in out
+
+
+_CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8
+
+processor\t: 1
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8
+"""
+
+
+@pytest.mark.parametrize(
+    "text, model, isa",
+    [
+        (_CPUINFO, "Intel(R) Xeon(R) Platinum 8480+", ["AMX", "AVX-512-BF16", "AVX-512", "AVX2"]),
+        ("model name\t: AMD EPYC 7B13\nflags\t: fpu sse avx2\n", "AMD EPYC 7B13", ["AVX2"]),
+    ],
+)
+def test_cpu_info_reads_the_model_and_the_matmul_extensions(text, model, isa):
+    import os
+
+    from eqdisp.bench import cpu_info
+
+    assert cpu_info(text) == {"model": model, "isa": isa, "cores": os.cpu_count()}
+
+
+def test_cpu_info_without_proc_cpuinfo_falls_back_to_platform(monkeypatch):
+    import platform
+
+    from eqdisp.bench import cpu_info
+
+    monkeypatch.setattr(platform, "processor", lambda: "arm")
+    assert cpu_info("")["model"] == "arm" and cpu_info("")["isa"] == []
+    assert cpu_info()["model"]  # this machine's, whatever it is
+
+
+def test_reference_records_the_cpu_and_prints_a_summary(monkeypatch, capsys):
+    # Without torch: a stand-in for cli._torch_sit checks what cli.bench adds to its figures.
+    import sys
+    import types
+
+    from cli.bench import main
+    from eqdisp.bench import cpu_info
+
+    fake = types.ModuleType("cli._torch_sit")
+    fake.bench_reference_step = lambda name, batch, *, disp, steps: {
+        "impl": "pytorch", "model": name, "batch": batch, "step_s_median": 0.5, "images_per_s": 64.0
+    }
+    monkeypatch.delattr("cli._torch_sit", raising=False)
+    monkeypatch.setitem(sys.modules, "cli._torch_sit", fake)
+    figures = main(["reference", "SiT-S/2"])
+    assert figures["cpu"] == cpu_info() and figures["images_per_s"] == 64.0
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
+    assert lines[0].startswith("cpu: ") and "step_s_median: 0.5 s" in lines
+    assert "images_per_s: 64.0 img/s" in lines
 
 
 def test_bench_rejects_a_group_size_that_does_not_divide_the_batch():

@@ -1,6 +1,7 @@
 """``python -m cli.sample`` and ``python -m cli.evaluate`` end to end on a tiny run."""
 
 import dataclasses
+import io
 import json
 import os
 import pathlib
@@ -68,8 +69,23 @@ def test_sample_cli_resumes_after_sigkill_and_matches_a_one_shot_run(tiny_run, t
     assert "resuming" in resumed.stderr and not partial.exists()
 
     one_shot = tmp_path / "one_shot.npz"
+    writes = []  # (stream, text) in the order written, across stdout and stderr
+    for name in ("stdout", "stderr"):
+        monkeypatch.setattr(sys, name, _Recorder(name, writes))
     main([str(tiny_run), "--num", "22", "--batch-size", "2", "--steps", "8", "--cfg-scale", "1.5",
           "--out", str(one_shot), "--grid", str(tmp_path / "grid.png")])
+    monkeypatch.undo()
+    # One line on stderr with the plan and its estimate, before the progress lines and the summary.
+    plans = [i for i, (name, text) in enumerate(writes) if "estimated total" in text]
+    assert len(plans) == 1 and writes[plans[0]][0] == "stderr", writes
+    plan = writes[plans[0]][1]
+    assert plan.count("\n") <= 1 and plan.startswith(
+        "sampling 22 images in 11 batches of 2 (ODE heun, 8 grid points = 14 evaluations each, "
+        "guidance 1.5 doubles the batch); compile "
+    ), plan
+    progress = [i for i, (name, text) in enumerate(writes) if "/22" in text]
+    summary = [i for i, (name, text) in enumerate(writes) if name == "stdout" and text.strip()]
+    assert progress and summary and plans[0] < min(progress) and plans[0] < min(summary)
     with np.load(out) as a, np.load(one_shot) as b:
         assert a["arr_0"].shape == (22, 8, 8, 1) and a["arr_0"].dtype == np.uint8
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
@@ -80,6 +96,46 @@ def test_sample_cli_resumes_after_sigkill_and_matches_a_one_shot_run(tiny_run, t
     # An existing output is not overwritten by accident.
     with pytest.raises(EvalError, match="exists"):
         generate(tiny_run, num=22, out=out, batch_size=2, progress=False)
+
+
+class _Recorder(io.StringIO):
+    """A text stream that logs each write with the stream's name, to check the order of lines."""
+
+    def __init__(self, name: str, writes: list):
+        super().__init__()
+        self.stream, self.writes = name, writes
+
+    def write(self, text: str) -> int:
+        self.writes.append((self.stream, text))
+        return super().write(text)
+
+
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        ({}, "ODE heun, 250 grid points = 498 evaluations each"),
+        ({"ode_method": "euler", "steps": 50}, "ODE euler, 50 grid points = 49 evaluations each"),
+        ({"ode_method": "dopri5"}, "ODE dopri5, adaptive evaluations (rtol 0.001, atol 1e-06)"),
+        ({"mode": "sde"}, "SDE euler, 250 grid points = 250 evaluations each"),
+        ({"mode": "sde", "sde_method": "heun", "last_step": "none"},
+         "SDE heun, 250 grid points = 498 evaluations each"),
+        ({"cfg_scale": 4.0, "cfg_interval": (0.3, 1.0)},
+         "ODE heun, 250 grid points = 498 evaluations each, "
+         "guidance 4 doubles the batch for t in [0.3, 1]"),
+        ({"steps": 250, "cfg_scale": 1.5, "diffusion": True},
+         "DDPM, 250 steps = 250 evaluations each, guidance 1.5 doubles the batch"),
+    ],
+)
+def test_the_plan_line_counts_network_evaluations(options, expected):
+    from eqdisp.config import SamplerConfig, TransportConfig
+    from eqdisp.diffusion import make_diffusion
+    from eqdisp.eval._sampling import _describe_sampler
+    from eqdisp.transport import make_transport
+
+    options = dict(options)
+    dit = options.pop("diffusion", False)
+    objective = make_diffusion() if dit else make_transport(TransportConfig())
+    assert _describe_sampler(objective, SamplerConfig(**options)) == expected
 
 
 def test_sample_then_evaluate_reports_fid_classifier(tiny_run, tmp_path, tmp_path_factory, monkeypatch):
