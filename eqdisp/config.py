@@ -386,9 +386,14 @@ class RunConfig:
     log_every: int = 100
     """Print and record metrics every this many steps."""
     sample_count: int = 64
-    """Images in the sample grids (from the EMA model) written during and at the end of the run."""
+    """Images in the sample grids (from the EMA model) written during and at the end of the run; 0
+    skips them. They follow the run's sampler (250 Heun steps by default: minutes per image for a
+    B/2 model on a CPU) and are drawn in batches with a progress line."""
     sample_every: int = 0
     """Write a sample grid every this many steps (0: only at the end)."""
+    sample_seconds: float = 120.0
+    """Time budget of one sample grid: once the batches drawn so far show that the grid would take
+    longer, it stops early with fewer images (at least one batch is drawn) and says so."""
     checkpoint_every: int = 1000
     """Write a checkpoint every this many steps (and at the end, and on SIGTERM/SIGINT)."""
     keep: int = 3
@@ -396,6 +401,9 @@ class RunConfig:
     fsdp: int = 1
     """Devices along the mesh's ``fsdp`` axis (parameters and optimizer state sharded over it); the
     other devices form the ``data`` axis. 1 is pure data parallelism."""
+    resume_step: int | None = None
+    """Resume from this checkpointed step instead of the newest readable one; newer checkpoints are
+    moved to ``<out>/abandoned-checkpoints/``, never deleted."""
 
     def __post_init__(self):
         _check(self.steps >= 0, "train.steps", self.steps, "an int >= 0")
@@ -406,6 +414,13 @@ class RunConfig:
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", self.checkpoint_every, "a positive int")
         _check(self.keep >= 1, "train.keep", self.keep, "a positive int")
         _check(self.fsdp >= 1, "train.fsdp", self.fsdp, "a positive int")
+        _check(self.sample_seconds > 0, "train.sample_seconds", self.sample_seconds, "a number > 0")
+        _check(
+            self.resume_step is None or self.resume_step >= 1,
+            "train.resume_step",
+            self.resume_step,
+            "None or a checkpointed step >= 1",
+        )
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,11 @@
 """The training loop: exact resume, NaN stops, SIGTERM keeps the work, one-line errors."""
 
 import dataclasses
+import errno
 import json
+import os
+import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +17,8 @@ import pytest
 
 import eqdisp
 from eqdisp.config import PRESETS, ConfigError, DataConfig, OptimConfig, RunConfig
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _tiny(out, **run):
@@ -67,27 +73,236 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert "\n" not in str(info.value)
 
 
-def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
-    out = tmp_path / "run"
+def _cli(*args, cwd=None):
+    """``python -m cli.train sit-tiny`` at batch 16 without sample grid, from `cwd`."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "cli.train", "sit-tiny", "--train.batch-size", "16",
+           "--train.sample-count", "0", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
+
+
+def _stop_with(sig, out, *args):
+    """Start a long cli.train run, send `sig` once three steps are logged; (process, stdout, stderr)."""
     cmd = [sys.executable, "-m", "cli.train", "sit-tiny", "--train.out", str(out),
            "--train.steps", "100000", "--train.log-every", "1", "--train.checkpoint-every", "100000",
-           "--train.batch-size", "16"]
+           "--train.batch-size", "16", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + 300
+        done = 0 if not (out / "metrics.jsonl").exists() else len((out / "metrics.jsonl").read_text().splitlines())
         while time.time() < deadline:
             metrics = out / "metrics.jsonl"
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= done + 3:
                 break
             time.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 0, stderr
+    return proc, stdout, stderr
+
+
+def test_sigterm_and_sigint_checkpoint_and_exit_as_preempted(tmp_path):
+    out = tmp_path / "run"
+    proc, stdout, stderr = _stop_with(signal.SIGTERM, out)
+    # 128 + 15: a scheduler sees a preempted job, not a finished one.
+    assert proc.returncode == 143, stderr
+    assert "preempted by SIGTERM" in stderr and "Traceback" not in stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stopped_by"] == "SIGTERM" and summary["step"] >= 3
     assert eqdisp.load_checkpoint(out).step == summary["step"]
+    # The first minute: what is compiled, for which devices, is said before any step.
+    lines = stdout.splitlines()
+    compiling = next(i for i, l in enumerate(lines) if l.startswith("compiling the train step"))
+    first_step = next(i for i, l in enumerate(lines) if l.startswith("step "))
+    assert compiling < first_step and "cpu device" in lines[compiling]
+
+    # Resumed, then SIGINT: 128 + 2, and the metrics have each step once.
+    first = summary["step"]
+    proc, stdout, stderr = _stop_with(signal.SIGINT, out)
+    assert proc.returncode == 130, stderr
+    assert f"resuming {out} from step {first}" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_by"] == "SIGINT" and summary["step"] > first
+    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, summary["step"] + 1))
+
+
+def test_moved_copied_and_renamed_run_directories_resume(tmp_path):
+    (tmp_path / "a").mkdir()
+    common = ["--train.log-every", "1", "--train.checkpoint-every", "2"]
+    first = _cli("--train.out", "run", "--train.steps", "2", *common, cwd=tmp_path / "a")
+    assert first.returncode == 0, first.stderr
+    (tmp_path / "b").mkdir()
+    shutil.move(tmp_path / "a" / "run", tmp_path / "b" / "moved")
+    # Another working directory, a relative path with a trailing slash, and options that cannot
+    # change the trajectory changed: it resumes.
+    moved = _cli("--train.out", "b/moved/", "--train.steps", "4", "--train.log-every", "2",
+                 "--train.keep", "5", "--sampler.steps", "10", cwd=tmp_path)
+    assert moved.returncode == 0, moved.stderr
+    assert "resuming b/moved from step 2" in moved.stdout
+    shutil.copytree(tmp_path / "b" / "moved", tmp_path / "copy")
+    copied = _cli("--train.out", str(tmp_path / "copy"), "--train.steps", "5", *common, cwd=REPO)
+    assert copied.returncode == 0, copied.stderr
+    assert f"resuming {tmp_path / 'copy'} from step 4" in copied.stdout
+    # Options that change the trajectory are still refused, each by name.
+    refused = _cli("--train.out", str(tmp_path / "copy"), "--train.steps", "6", "--optim.lr", "3e-4")
+    assert refused.returncode == 1 and "optim.lr=0.0003 differs" in refused.stderr
+
+    # The moved run equals an uninterrupted one bit for bit.
+    eqdisp.train(_tiny(tmp_path / "whole", steps=4))
+    _, leaves_whole = _params(tmp_path / "whole")
+    ckpt, leaves_moved = _params(tmp_path / "b" / "moved")
+    assert ckpt.step == 4
+    assert all(bool(jnp.array_equal(x, y)) for x, y in zip(leaves_whole, leaves_moved, strict=True))
+
+
+def _files(root):
+    return {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*") if p.is_file()}
+
+
+def test_steps_already_reached_overwrite_nothing(tmp_path, capsys):
+    eqdisp.train(_tiny(tmp_path, steps=2))
+    before = _files(tmp_path)
+    capsys.readouterr()
+    for steps in (2, 1):
+        summary = eqdisp.train(_tiny(tmp_path, steps=steps))
+        assert summary["already_done"] and summary["step"] == 2
+        assert f"is already at step 2 (train.steps={steps})" in capsys.readouterr().out
+    assert _files(tmp_path) == before
+
+
+def _truncate_arrays(step_dir):
+    """Cut every array file of a checkpoint in half, as a full disk or a killed copy would."""
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert files
+    for f in files:
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_newest_readable_one(tmp_path, capsys):
+    run = tmp_path / "run"
+    eqdisp.train(_tiny(run, steps=4, checkpoint_every=2))
+    _truncate_arrays(run / "checkpoints" / "4")
+
+    with pytest.raises(eqdisp.CheckpointError) as info:
+        eqdisp.load_checkpoint(run)
+    message = str(info.value)
+    assert "checkpoints/4: the checkpoint is truncated or corrupt" in message
+    assert "\n" not in message and "<bound method" not in message and len(message) < 300
+    assert eqdisp.load_checkpoint(run, step=2).step == 2
+    # The command line: one line, and no "Event loop is closed" reports around it.
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    sample = subprocess.run(
+        [sys.executable, "-m", "cli.sample", str(run), "--num", "2", "--out", str(tmp_path / "s.npz")],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert sample.returncode == 1
+    lines = sample.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message.split(' (')[0]} ("), lines
+
+    capsys.readouterr()
+    summary = eqdisp.train(_tiny(run, steps=6, checkpoint_every=2))
+    out = capsys.readouterr().out
+    assert "checkpoint 4 cannot be read" in out and "resuming" in out and "from step 2" in out
+    assert (run / "abandoned-checkpoints" / "4").is_dir()  # set aside, not deleted
+    assert summary["step"] == 6
+    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))
+    eqdisp.train(_tiny(tmp_path / "whole", steps=6))
+    _, whole = _params(tmp_path / "whole")
+    _, resumed = _params(run)
+    assert all(bool(jnp.array_equal(x, y)) for x, y in zip(whole, resumed, strict=True))
+
+    # An explicit older step: the newer checkpoints are set aside, the metrics cut back to it.
+    with pytest.raises(ConfigError, match=r"train.resume_step=3 is not allowed: .*\(2, 4, 6\)"):
+        eqdisp.train(_tiny(run, steps=7, resume_step=3, checkpoint_every=2))
+    summary = eqdisp.train(_tiny(run, steps=7, resume_step=4, checkpoint_every=2))
+    assert summary["step"] == 7 and (run / "abandoned-checkpoints" / "6").is_dir()
+    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 8))
+
+
+def test_unwritable_outputs_are_one_line_and_leave_nothing(tmp_path, monkeypatch):
+    a_file = tmp_path / "file"
+    a_file.write_text("not a directory")
+    with pytest.raises(ConfigError, match="is a file, expected a directory"):
+        eqdisp.train(_tiny(a_file))
+    with pytest.raises(ConfigError, match="cannot be written"):
+        eqdisp.train(_tiny(a_file / "run"))  # a parent that is a file
+    with pytest.raises(ConfigError, match="cannot be written"):
+        eqdisp.train(_tiny("/proc/eqdisp-run/deeper"))  # no file can be created there
+    assert not pathlib.Path("/proc/eqdisp-run").exists()
+
+    # A start that fails after the run directory was made removes it (and the parents it made).
+    def broken(*args, **kwargs):
+        raise RuntimeError("compiler out of memory")
+
+    monkeypatch.setattr(sys.modules["eqdisp.train._loop"], "make_train_step", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        eqdisp.train(_tiny(tmp_path / "new" / "run"))
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_failed_save_is_one_line_and_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    original = ocp.CheckpointManager.save
+
+    def full_disk(self, step, *args, **kwargs):
+        if step >= 4:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return original(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
+    with pytest.raises(eqdisp.CheckpointError) as info:
+        eqdisp.train(_tiny(tmp_path, steps=6, checkpoint_every=2))
+    assert str(info.value) == (
+        f"{tmp_path / 'checkpoints'}: could not write checkpoint 4 (No space left on device); "
+        "the last complete checkpoint is step 2"
+    )
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
+    assert eqdisp.load_checkpoint(tmp_path).step == 2
+
+
+def test_a_full_disk_during_a_save(tmp_path):
+    # A real full file system: a 90 MB tmpfs holds one sit-tiny checkpoint (59 MB), not two.
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = (
+        f"mount -t tmpfs -o size=90m tmpfs {disk} || exit 77; "
+        f"{sys.executable} -m cli.train sit-tiny --train.out {disk}/run --train.steps 6 "
+        "--train.batch-size 16 --train.checkpoint-every 2 --train.sample-count 0 >/dev/null; "
+        f"echo $? > {tmp_path}/rc; ls -A {disk}/run/checkpoints > {tmp_path}/left; "
+        f"{sys.executable} -c 'import eqdisp; print(eqdisp.load_checkpoint(\"{disk}/run\").step)' "
+        f"> {tmp_path}/loaded"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    try:
+        result = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True,
+                                text=True, timeout=600, env=env)
+    except FileNotFoundError:
+        pytest.skip("unshare is not installed")
+    if result.returncode == 77 or "unshare:" in result.stderr:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    assert (tmp_path / "rc").read_text().strip() == "1"
+    assert result.stderr.strip().splitlines() == [
+        f"error: {disk}/run/checkpoints: could not write checkpoint 4 (No space left on device); "
+        "the last complete checkpoint is step 2"
+    ], result.stderr[-3000:]
+    assert (tmp_path / "left").read_text().split() == ["2"]
+    assert (tmp_path / "loaded").read_text().strip() == "2"
+
+
+def test_sample_grid_follows_the_time_budget(tmp_path, capsys):
+    from PIL import Image
+
+    summary = eqdisp.train(_tiny(tmp_path, steps=1, sample_count=24, sample_seconds=1e-3))
+    out = capsys.readouterr().out
+    assert "sample grid: 24 images, ode heun with 50 grid points, in batches of 8" in out
+    assert "sample grid: stopped at 8 of 24 images" in out
+    with Image.open(summary["samples"]) as grid:
+        assert grid.size[0] > grid.size[1]  # one row of 8
 
 
 @pytest.mark.parametrize(
@@ -105,6 +320,7 @@ def test_cli_errors_are_one_line(tmp_path, args, message):
     assert "Traceback" not in result.stderr, result.stderr
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "r").exists()  # a failed start leaves no run directory
 
 
 @pytest.mark.slow

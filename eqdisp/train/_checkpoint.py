@@ -26,10 +26,17 @@ Reading a run from custom code, a sampler or an analysis::
 """
 
 import dataclasses
+import gc
+import logging
 import os
 import pathlib
+import re
+import shutil
+import sys
+import time
 import types
 import typing
+import warnings
 from typing import Any, Literal, Union
 
 import equinox as eqx
@@ -54,6 +61,76 @@ class CheckpointError(ValueError):
 def _one_line(text: object, limit: int = 300) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _reason(error: BaseException) -> str:
+    """What a failed read or write says, in a few words: the operating system's error, else the
+    first array that failed and tensorstore's status code, when the message names them."""
+    text = str(error)
+    os_error = re.search(r"os_error_code='(\d+)'", text)
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    if os_error:
+        return os.strerror(int(os_error.group(1)))
+    leaf = re.search(r'Error (reading|writing) "([^"/]+)', text)
+    code = re.match(r"\s*([A-Z_]{4,}):", text)
+    if leaf:
+        verb = "read" if leaf.group(1) == "reading" else "written"
+        return f"{leaf.group(2)} cannot be {verb}" + (f": {code.group(1)}" if code else "")
+    return f"{type(error).__name__}: {_one_line(text, 160)}"
+
+
+class _OrbaxNoise:
+    """Keeps what orbax reports of a failed save or restore to the one-line error we raise.
+
+    Orbax logs each failure of a background write with its traceback (absl, ERROR), several
+    times, before raising it to the caller. And when one array of a save or restore fails, orbax
+    closes its event loop while tensorstore's operations on the other arrays are still
+    completing: each then reports ``RuntimeError('Event loop is closed')`` through
+    ``sys.unraisablehook``, some after the call has returned, and the futures of the failed
+    reads log "Future exception was never retrieved" (asyncio, ERROR) when they are collected,
+    beside coroutines that warn that they were never awaited.
+    While active, exactly those records and reports are dropped; everything else passes through.
+    """
+
+    def __init__(self):
+        self.dropped = 0
+        self._previous_hook = sys.unraisablehook
+        sys.unraisablehook = self._hook
+        logging.getLogger("absl").addFilter(self._orbax_errors)
+        logging.getLogger("asyncio").addFilter(self._lost_futures)
+
+    def _hook(self, unraisable):
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            self.dropped += 1
+        else:
+            self._previous_hook(unraisable)
+
+    @staticmethod
+    def _orbax_errors(record: logging.LogRecord) -> bool:
+        from_orbax = f"{os.sep}orbax{os.sep}checkpoint{os.sep}" in record.pathname
+        return not (record.levelno >= logging.ERROR and from_orbax)
+
+    @staticmethod
+    def _lost_futures(record: logging.LogRecord) -> bool:
+        return record.getMessage() != "Future exception was never retrieved"
+
+    def stop(self, failed: bool) -> None:
+        """Put the hooks back; after a failure, once the reports have gone quiet (0.5 s without
+        one, 10 s at most) and the failed futures are collected."""
+        deadline, seen = time.monotonic() + 10.0, -1
+        while failed and self.dropped != seen and time.monotonic() < deadline:
+            seen = self.dropped
+            time.sleep(0.5)
+        if failed:
+            with warnings.catch_warnings():  # coroutines of the failed operation, never awaited
+                warnings.simplefilter("ignore", RuntimeWarning)
+                gc.collect()
+        if sys.unraisablehook == self._hook:
+            sys.unraisablehook = self._previous_hook
+        logging.getLogger("absl").removeFilter(self._orbax_errors)
+        logging.getLogger("asyncio").removeFilter(self._lost_futures)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,6 +371,9 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_handlers=handlers
         )
+        self._pending: int | None = None  # the newest save started
+        self._failed = False  # a save or restore failed
+        self._noise = _OrbaxNoise()
 
     # -- steps -----------------------------------------------------------------------------------
 
@@ -351,6 +431,9 @@ class Checkpointer:
             force=True)` then `wait()` leaves a committed checkpoint before the process exits.
 
         **Returns:** whether a save was started.
+
+        **Raises:** `CheckpointError` (one line) if this save, or one still in flight, cannot be
+        written (a full disk, a directory gone or not writable); what it left is removed.
         """
         if self.read_only:
             raise CheckpointError(f"{self.directory}: opened read-only, cannot save step {step}")
@@ -360,7 +443,29 @@ class Checkpointer:
         }
         if data_iterator is not None:
             items[_DATA] = grain.checkpoint.CheckpointSave(data_iterator)
-        return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        try:
+            started = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        except Exception as e:  # noqa: BLE001 - orbax raises what the file system raised
+            raise self._write_error(step, e) from None
+        if started:
+            self._pending = step
+        return started
+
+    def _write_error(self, step: int | None, error: Exception) -> CheckpointError:
+        """The one-line error of a failed save, after removing its temporary directories."""
+        self._failed = True
+        if self._pending is not None and not self._step_dir(self._pending).is_dir():
+            step = self._pending  # the save in flight failed, reported by a later call
+        for leftover in self.directory.glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        complete = sorted(
+            int(p.name) for p in self.directory.iterdir() if p.is_dir() and p.name.isdigit()
+        ) if self.directory.is_dir() else []
+        last = f"step {complete[-1]}" if complete else "none"
+        return CheckpointError(
+            f"{self.directory}: could not write checkpoint {step} ({_reason(error)}); "
+            f"the last complete checkpoint is {last}"
+        )
 
     # -- restore ---------------------------------------------------------------------------------
 
@@ -398,10 +503,10 @@ class Checkpointer:
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax/tensorstore errors run to many lines
+            self._failed = True
             raise CheckpointError(
-                f"{step_dir}: could not read the checkpoint's arrays ({type(e).__name__}: "
-                f"{_one_line(e, 200)})"
-            ) from e
+                f"{step_dir}: the checkpoint is truncated or corrupt ({_reason(e)})"
+            ) from None
         tree = restored[_STATE]
         key = tree["key"]
         if _is_key(like.key):
@@ -471,12 +576,25 @@ class Checkpointer:
     # -- lifecycle -------------------------------------------------------------------------------
 
     def wait(self) -> None:
-        """Block until every save started so far is committed to disk."""
-        self._manager.wait_until_finished()
+        """Block until every save started so far is committed to disk.
+
+        **Raises:** `CheckpointError` (one line) if one of them could not be written.
+        """
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - a background write failed
+            raise self._write_error(self._pending, e) from None
 
     def close(self) -> None:
-        """Wait for pending saves and release orbax's threads."""
-        self._manager.close()
+        """Wait for pending saves and release orbax's threads (a failed save that was already
+        raised is not raised again)."""
+        try:
+            self._manager.close()
+        except Exception as e:  # noqa: BLE001
+            if not self._failed:  # else it was raised already
+                raise self._write_error(self._pending, e) from None
+        finally:
+            self._noise.stop(failed=self._failed)
 
     def __enter__(self) -> "Checkpointer":
         return self

@@ -1,18 +1,25 @@
 """The training loop: resumable, sharded, stopped cleanly by SIGTERM/SIGINT or a non-finite loss.
 
-Running the same configuration again with the same ``train.out`` continues from the newest
-checkpoint; the per-step keys are ``fold_in(key, step)`` and the data iterator is checkpointed
-with the state, so a resumed run equals an uninterrupted one bit for bit.
+Running the same configuration again continues from the newest readable checkpoint in
+``train.out``; the per-step keys are ``fold_in(key, step)`` and the data iterator is checkpointed
+with the state, so a resumed run equals an uninterrupted one bit for bit. A run is identified by
+its configuration, not by its path: a run directory may be moved, copied or named another way
+(relative, absolute, with a trailing slash) and still resumes, and options that cannot change the
+trajectory (`RESUMABLE_CHANGES`) may differ on resumption.
 """
 
 import dataclasses
 import json
 import math
+import os
 import pathlib
+import shutil
 import signal
 import sys
 import time
+import warnings
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -24,12 +31,36 @@ from ..images import save_grid
 from ..models import make_model
 from ..objective import draw_samples, make_objective
 from ..sharding import global_batch, initialize_distributed, make_mesh, shard_state
-from ._checkpoint import Checkpointer, config_to_dict
+from ._checkpoint import CheckpointError, Checkpointer, config_to_dict
 from ._step import TrainState, init_train_state, make_optimizer, make_train_step
+
+RESUMABLE_CHANGES: dict[str, tuple[str, ...] | None] = {
+    "sampler": None,  # every field: sampling reads the weights, it does not change them
+    "train": (
+        "out",
+        "steps",
+        "log_every",
+        "sample_count",
+        "sample_every",
+        "sample_seconds",
+        "checkpoint_every",
+        "keep",
+        "resume_step",
+    ),
+}
+"""The options that may change when a run resumes (None: the whole section); every other field
+must equal the checkpoint's, since it would change the trajectory."""
+
+_ABANDONED = "abandoned-checkpoints"
 
 
 class TrainingError(RuntimeError):
     """Training stopped (e.g. a non-finite loss); the message is one line for the user."""
+
+
+def _one_line(error: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _StopSignal:
@@ -82,33 +113,192 @@ class _Progress:
             self.log.close()
 
 
-def _check_resumable(saved: ExperimentConfig, cfg: ExperimentConfig, out: pathlib.Path) -> None:
-    # Only the run length may change between a run and its resumption.
-    ignore = {"steps", "log_every", "sample_every", "checkpoint_every", "keep", "sample_count"}
+def _write_atomically(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _trim_metrics(path: pathlib.Path, step: int) -> None:
+    """Drop the rows after `step` (written by the run that resumes from there) and torn lines."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass  # a line cut short by a kill
+    _write_atomically(path, "".join(f"{line}\n" for line in kept))
+
+
+def _check_resumable(saved: ExperimentConfig, cfg: ExperimentConfig, where: pathlib.Path) -> None:
     for section in dataclasses.fields(cfg):
+        free = RESUMABLE_CHANGES.get(section.name, ())
+        if free is None:
+            continue
         old, new = getattr(saved, section.name), getattr(cfg, section.name)
         for field in dataclasses.fields(new):
-            if section.name == "train" and field.name in ignore:
-                continue
             a, b = getattr(old, field.name), getattr(new, field.name)
-            if a != b:
+            if field.name not in free and a != b:
                 raise ConfigError(
-                    f"{section.name}.{field.name}={b!r} differs from the checkpoint's {a!r} in {out}: "
-                    "use another train.out for a different experiment"
+                    f"{section.name}.{field.name}={b!r} differs from the checkpoint's {a!r} in "
+                    f"{where}: use another train.out for a different experiment"
                 )
 
 
-def _write_samples(state: TrainState, cfg: ExperimentConfig, transport, path: pathlib.Path) -> None:
-    count = cfg.train.sample_count
+def _prepare_out(out: pathlib.Path) -> pathlib.Path | None:
+    """Create the run directory and check it can be written; return the topmost directory this
+    created (to remove if the start fails), or None when it existed."""
+    missing = [p for p in (out, *out.parents) if not p.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        if missing and missing[-1].is_dir():
+            shutil.rmtree(missing[-1], ignore_errors=True)
+        reason = error.strerror or _one_line(error)
+        raise ConfigError(
+            f"train.out={str(out)!r} is not allowed: it cannot be written ({reason})"
+        ) from None
+    return missing[-1] if missing else None
+
+
+def _committed_steps(directory: pathlib.Path) -> list[int]:
+    if not directory.is_dir():
+        return []
+    with Checkpointer(directory, read_only=True) as ckpt:
+        return ckpt.all_steps()
+
+
+def _resume(
+    directory: pathlib.Path,
+    steps: list[int],
+    cfg: ExperimentConfig,
+    state: TrainState,
+    data_iter,
+    announce: bool,
+) -> tuple[int, TrainState | None]:
+    """Find the step to resume from and restore it (None when ``train.steps`` is already reached).
+
+    Tries ``train.resume_step`` if given, else the newest checkpoint, then older ones if it cannot
+    be read (each fallback announced in one line). A config that cannot resume is a ConfigError
+    at once: an older checkpoint of the same directory would not fit either.
+    """
+    run = cfg.train
+    if run.resume_step is not None:
+        if run.resume_step not in steps:
+            raise ConfigError(
+                f"train.resume_step={run.resume_step} is not allowed: expected one of the steps "
+                f"checkpointed in {directory} ({', '.join(map(str, steps))})"
+            )
+        candidates = [run.resume_step]
+    else:
+        candidates = steps[::-1]
+    failures = []
+    with Checkpointer(directory, read_only=True) as ckpt:
+        for step in candidates:
+            try:
+                _check_resumable(ckpt.read_config(step), cfg, directory.parent)
+                if run.steps <= step:
+                    return step, None
+                return step, ckpt.restore(state, step=step, data_iterator=data_iter)
+            except CheckpointError as error:
+                failures.append(f"step {step}: {error}")
+                if run.resume_step is None and announce and step != candidates[-1]:
+                    print(f"checkpoint {step} cannot be read ({error}); trying an older one", flush=True)
+    raise CheckpointError(
+        f"{directory}: no readable checkpoint to resume from ({'; '.join(failures)}); "
+        "pass train.resume_step, or another train.out to start afresh"
+    )
+
+
+def _set_aside(directory: pathlib.Path, steps: list[int], out: pathlib.Path) -> None:
+    """Move the checkpoints after the resumed step out of orbax's way (the run will write them
+    again), keeping them for the user to inspect or delete."""
+    target = out / _ABANDONED
+    target.mkdir(exist_ok=True)
+    for step in steps:
+        name = str(step)
+        while (target / name).exists():
+            name += "-again"
+        os.replace(directory / str(step), target / name)
+    print(
+        f"checkpoints {', '.join(map(str, steps))} moved to {target} (the run continues from an "
+        "older step and will write them again)",
+        flush=True,
+    )
+
+
+@eqx.filter_jit
+def _sample_chunk(model, x_init, y, key, objective, config):
+    return draw_samples(model, x_init, y, key=key, objective=objective, config=config)
+
+
+def _write_samples(
+    state: TrainState, cfg: ExperimentConfig, objective, path: pathlib.Path, stop: "_StopSignal"
+) -> int:
+    """Draw the run's sample grid in batches of 8 within ``train.sample_seconds``; returns the
+    number of images written (0 if a signal arrived first)."""
+    run, sampler = cfg.train, cfg.sampler
+    count, chunk = run.sample_count, min(run.sample_count, 8)
     y = jnp.arange(count, dtype=jnp.int32) % cfg.model.num_classes
     shape = (count, cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
-    key_noise, key_sde = jr.split(jr.key(cfg.train.seed + 1))  # the same noise at every grid
+    key_noise, key_sde = jr.split(jr.key(run.seed + 1))  # the same noise at every grid
     x_init = jr.normal(key_noise, shape)
-    images = draw_samples(
-        state.ema_model, x_init, y, key=key_sde, objective=transport, config=cfg.sampler
-    )
-    if jax.process_index() == 0:
-        save_grid(np.asarray(images), path, columns=min(count, max(cfg.model.num_classes, 8)))
+    main_process = jax.process_index() == 0
+    method = sampler.ode_method if sampler.mode == "ode" else sampler.sde_method
+    if main_process:
+        print(
+            f"sample grid: {count} images, {sampler.mode} {method} with {sampler.steps} grid "
+            f"points, in batches of {chunk} (train.sample_count 0 skips it)",
+            flush=True,
+        )
+    parts, start = [], time.perf_counter()
+    model = state.ema_model
+    for first in range(0, count, chunk):
+        if stop.received is not None:
+            break
+        rows = slice(first, first + chunk)
+        xs, ys = x_init[rows], y[rows]
+        pad = chunk - xs.shape[0]  # the last batch is padded so one program serves every batch
+        if pad:
+            xs = jnp.concatenate([xs, jnp.zeros((pad, *xs.shape[1:]), xs.dtype)])
+            ys = jnp.concatenate([ys, jnp.zeros((pad,), ys.dtype)])
+        images = _sample_chunk(model, xs, ys, jr.fold_in(key_sde, first), objective, sampler)
+        parts.append(np.asarray(images)[: chunk - pad])
+        done = sum(len(p) for p in parts)
+        elapsed = time.perf_counter() - start
+        eta = elapsed / done * (count - done)
+        if main_process:
+            print(f"sample grid: {done}/{count} images, {elapsed:.0f} s, eta {eta:.0f} s", flush=True)
+        if done < count and elapsed + eta > run.sample_seconds:
+            if main_process:
+                print(
+                    f"sample grid: stopped at {done} of {count} images, since all would take "
+                    f"~{elapsed + eta:.0f} s > train.sample_seconds={run.sample_seconds:g}",
+                    flush=True,
+                )
+            break
+    if not parts:
+        return 0
+    images = np.concatenate(parts)
+    if main_process:
+        save_grid(images, path, columns=min(len(images), max(cfg.model.num_classes, 8)))
+    return len(images)
+
+
+def _describe_devices() -> str:
+    devices = jax.devices()
+    backend = jax.default_backend()
+    what = f"{os.cpu_count()} cores" if backend == "cpu" else ", ".join(sorted({d.device_kind for d in devices}))
+    where = f"{len(devices)} {backend} device{'s' * (len(devices) > 1)}"
+    if jax.process_count() > 1:
+        where += f" in {jax.process_count()} processes"
+    return f"{where} ({what})"
 
 
 def train(cfg: ExperimentConfig) -> dict:
@@ -116,19 +306,23 @@ def train(cfg: ExperimentConfig) -> dict:
 
     **Returns:**
 
-    A summary dict: steps, time, images/s, the last metrics and the paths written.
+    A summary dict: steps, time, images/s, the last metrics and the paths written; with
+    ``stopped_by`` (the signal's name) when SIGTERM/SIGINT stopped the run after a checkpoint, and
+    ``already_done`` when ``train.steps`` was already reached (nothing is written then).
 
     **Raises:**
 
-    ``TrainingError`` if the loss becomes NaN/inf (the last good checkpoint is kept), and
-    ``ConfigError`` if ``cfg`` cannot resume the checkpoint found in ``train.out``.
+    ``TrainingError`` if the loss becomes NaN/inf (the last good checkpoint is kept),
+    ``ConfigError`` if ``cfg`` cannot resume the checkpoint found in ``train.out`` or
+    ``train.out`` cannot be written, and ``CheckpointError`` if no checkpoint there can be read
+    or one cannot be written (a full disk: what it left is removed, the last complete one kept).
     """
     initialize_distributed()
     run = cfg.train
     out = pathlib.Path(run.out)
     main_process = jax.process_index() == 0
-    if main_process:
-        out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"train.out={run.out!r} is not allowed: it is a file, expected a directory")
     if run.batch_size % jax.process_count():
         raise ConfigError(
             f"train.batch_size={run.batch_size} is not allowed: expected a multiple of the "
@@ -154,22 +348,59 @@ def train(cfg: ExperimentConfig) -> dict:
 
     mesh = make_mesh(run.fsdp)
     key_model, key_train = jr.split(jr.key(run.seed))
-    transport = make_objective(cfg)
+    objective = make_objective(cfg)
     optimizer = make_optimizer(cfg.optim)
     state = init_train_state(make_model(cfg.model, key=key_model), optimizer, key=key_train)
     state = shard_state(state, mesh)
 
-    checkpointer = Checkpointer(out / "checkpoints", keep=run.keep)
-    start_step = checkpointer.latest_step() or 0
-    if start_step:
-        _check_resumable(checkpointer.read_config(start_step), cfg, out)
-        state = checkpointer.restore(state, step=start_step, data_iterator=data_iter)
-        if main_process:
-            print(f"resuming {out} from step {start_step}", flush=True)
-    elif main_process:
-        (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+    directory = out / "checkpoints"
+    steps = _committed_steps(directory)
+    start_step = 0
+    if steps:
+        start_step, restored = _resume(directory, steps, cfg, state, data_iter, main_process)
+        if restored is None:
+            if main_process:
+                print(f"{out} is already at step {start_step} (train.steps={run.steps}): nothing to do")
+            summary_file = out / "summary.json"
+            summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+            return {**summary, "out": str(out), "step": start_step, "already_done": True}
+        state = restored
 
-    step_fn = make_train_step(optimizer, transport, cfg.disp, ema_decay=cfg.optim.ema_decay, mesh=mesh)
+    created = _prepare_out(out) if main_process else None
+    try:
+        if main_process:
+            newer = [s for s in steps if s > start_step]
+            if newer:
+                _set_aside(directory, newer, out)
+            if start_step:
+                print(f"resuming {out} from step {start_step}", flush=True)
+            else:
+                _write_atomically(out / "config.json", json.dumps(config_to_dict(cfg), indent=2))
+            _trim_metrics(out / "metrics.jsonl", start_step)
+        checkpointer = Checkpointer(directory, keep=run.keep)
+        step_fn = make_train_step(
+            optimizer, objective, cfg.disp, ema_decay=cfg.optim.ema_decay, mesh=mesh
+        )
+        batch = global_batch(next(data_iter), mesh)
+        params = sum(x.size for x in jax.tree.leaves(eqx.filter(state.model, eqx.is_inexact_array)))
+        if main_process:
+            print(
+                f"compiling the train step of {cfg.model.name} ({params / 1e6:.2f}M parameters, "
+                f"batch {run.batch_size}) for {_describe_devices()}",
+                flush=True,
+            )
+        tick = time.perf_counter()
+        with warnings.catch_warnings():  # the batch is donated too; no output can reuse it
+            warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+            step_fn = step_fn.lower(state, batch["x"], batch["y"]).compile()
+        compile_seconds = time.perf_counter() - tick
+        if main_process:
+            print(f"compiled in {compile_seconds:.1f} s", flush=True)
+    except BaseException:
+        if created is not None:  # a failed start leaves nothing behind
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
     progress = _Progress(run.steps, out / "metrics.jsonl", enabled=main_process)
     last_metrics: dict[str, float] = {}
     saved_step = start_step
@@ -184,7 +415,7 @@ def train(cfg: ExperimentConfig) -> dict:
             bad = ", ".join(f"{k}={v}" for k, v in values.items() if not math.isfinite(v))
             raise TrainingError(
                 f"non-finite loss at step {step} ({bad}): training stopped; the last good "
-                f"checkpoint is step {saved_step} in {out / 'checkpoints'}"
+                f"checkpoint is step {saved_step} in {directory}"
             )
         last_metrics = values
         window[1] += 1
@@ -194,12 +425,20 @@ def train(cfg: ExperimentConfig) -> dict:
             window[:] = [now, 0]
             progress.report(step, values, rate, (run.steps - step) * run.batch_size / rate)
 
+    def checkpoint(step: int, *, force: bool = False) -> None:
+        nonlocal saved_step
+        checkpointer.save(step, state, config=cfg, data_iterator=data_iter, force=force)
+        saved_step = step
+
     step = start_step
+    interrupted = None
+    grid = None
     try:
         with _StopSignal() as stop:
             previous = None  # the last step's metrics, read one step late so the host never waits
             while step < run.steps and stop.received is None:
-                batch = global_batch(next(data_iter), mesh)
+                if step > start_step:
+                    batch = global_batch(next(data_iter), mesh)
                 state, metrics = step_fn(state, batch["x"], batch["y"])
                 step += 1
                 if previous is not None:
@@ -208,36 +447,37 @@ def train(cfg: ExperimentConfig) -> dict:
                 if step % run.checkpoint_every == 0 and step < run.steps:
                     consume(*previous)  # only a state whose loss is finite is saved
                     previous = None
-                    checkpointer.save(step, state, config=cfg, data_iterator=data_iter)
-                    saved_step = step
+                    checkpoint(step)
                 if run.sample_every and step % run.sample_every == 0 and step < run.steps:
-                    _write_samples(state, cfg, transport, out / f"samples_{step:07d}.png")
+                    _write_samples(state, cfg, objective, out / f"samples_{step:07d}.png", stop)
             if previous is not None:
                 consume(*previous)
             if step > saved_step:
-                checkpointer.save(step, state, config=cfg, data_iterator=data_iter, force=True)
-                saved_step = step
+                checkpoint(step, force=True)
             checkpointer.wait()
+            elapsed = time.perf_counter() - start
+            if stop.received is None and run.sample_count:
+                grid = out / "samples.png"
+                if not _write_samples(state, cfg, objective, grid, stop):
+                    grid = None
             interrupted = stop.received
     finally:
         progress.close()
         checkpointer.close()
-    elapsed = time.perf_counter() - start
 
     summary: dict = {
         "out": str(out),
         "step": step,
         "seconds": round(elapsed, 1),
+        "compile_seconds": round(compile_seconds, 1),
         "images_per_second": round((step - start_step) * run.batch_size / max(elapsed, 1e-9), 1),
         **{k: round(v, 5) for k, v in last_metrics.items()},
-        "checkpoint": str(out / "checkpoints" / str(saved_step)),
+        "checkpoint": str(directory / str(saved_step)),
     }
+    if grid is not None:
+        summary["samples"] = str(grid)
     if interrupted is not None:
         summary["stopped_by"] = signal.Signals(interrupted).name
-    elif run.sample_count:
-        grid = out / "samples.png"
-        _write_samples(state, cfg, transport, grid)
-        summary["samples"] = str(grid)
     if main_process:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        _write_atomically(out / "summary.json", json.dumps(summary, indent=2))
     return summary
