@@ -306,12 +306,22 @@ class SamplerConfig:
 # Optimisation
 
 
+LrSchedule = Literal["constant", "cosine"]
+
+
 @dataclass(frozen=True)
 class OptimConfig:
     """AdamW with a constant learning rate and an EMA of the weights (paper Table 8)."""
 
     lr: float = 1e-4
-    """Learning rate (constant, no warm-up)."""
+    """Learning rate: constant (the papers), or the peak of the ``cosine`` schedule."""
+    schedule: LrSchedule = "constant"
+    """``constant`` (DiT, SiT, REPA, the paper), or ``cosine``: linear warm-up from 0 over
+    ``warmup_steps``, then cosine decay to 0 at ``decay_steps`` (short CPU runs such as ``sit-tiny``)."""
+    warmup_steps: int = 0
+    """Steps of linear warm-up of the ``cosine`` schedule."""
+    decay_steps: int = 0
+    """Step at which the ``cosine`` schedule reaches 0 (warm-up included); it stays 0 after."""
     b1: float = 0.9
     """Adam beta1."""
     b2: float = 0.95
@@ -327,6 +337,14 @@ class OptimConfig:
 
     def __post_init__(self):
         _check(self.lr > 0.0, "optim.lr", self.lr, "a number > 0")
+        _check_choice("optim.schedule", self.schedule, get_args(LrSchedule))
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "an int >= 0")
+        _check(
+            self.schedule == "constant" or self.decay_steps > self.warmup_steps,
+            "optim.decay_steps",
+            self.decay_steps,
+            f"more than optim.warmup_steps={self.warmup_steps} for the cosine schedule",
+        )
         for name in ("b1", "b2"):
             value = getattr(self, name)
             _check(0.0 <= value < 1.0, f"optim.{name}", value, "a number in [0, 1)")
@@ -465,9 +483,13 @@ _TINY = ExperimentConfig(
         name="SiT-T/2", input_size=8, in_channels=1, num_classes=10, learn_sigma=False
     ),
     disp=DispConfig(group_size=16),
-    optim=OptimConfig(lr=1e-3, ema_decay=0.995),
+    # Warm-up and cosine decay: readable digits in 1,500 steps (5 min on 2 cores), where a
+    # constant 1e-3 needed 3,000 (FID-classifier of 1,000 samples 9.4 vs 8.2; README).
+    optim=OptimConfig(
+        lr=2e-3, schedule="cosine", warmup_steps=100, decay_steps=1500, ema_decay=0.99
+    ),
     sampler=SamplerConfig(steps=50),
-    train=RunConfig(steps=3000, batch_size=64, out="runs/sit-tiny", log_every=100, sample_count=100),
+    train=RunConfig(steps=1500, batch_size=64, out="runs/sit-tiny", log_every=100, sample_count=100),
 )
 
 PRESETS: dict[str, tuple[str, ExperimentConfig]] = {

@@ -299,7 +299,7 @@ def test_sample_grid_follows_the_time_budget(tmp_path, capsys):
 
     summary = eqdisp.train(_tiny(tmp_path, steps=1, sample_count=24, sample_seconds=1e-3))
     out = capsys.readouterr().out
-    assert "sample grid: 24 images, ode heun with 50 grid points, in batches of 8" in out
+    assert "sample grid: 24 images in batches of 8, ODE heun, 50 grid points = 98 evaluations" in out
     assert "sample grid: stopped at 8 of 24 images" in out
     with Image.open(summary["samples"]) as grid:
         assert grid.size[0] > grid.size[1]  # one row of 8
@@ -334,3 +334,38 @@ def test_sit_b2_preset_runs_on_synthetic_data(tmp_path):
     )
     summary = eqdisp.train(cfg)
     assert summary["step"] == 2 and jnp.isfinite(summary["loss"])
+
+
+def test_cosine_schedule_steps_follow_the_formula():
+    # Adam on a constant gradient moves each parameter by exactly the learning rate (up to eps),
+    # so the update sizes read the schedule off: linear warm-up, cosine decay, then 0.
+    import math
+
+    import numpy as np
+
+    cfg = OptimConfig(lr=2e-3, schedule="cosine", warmup_steps=4, decay_steps=12, eps=1e-12)
+    optimizer = eqdisp.make_optimizer(cfg)
+    params = {"w": jnp.zeros((3,), jnp.float32)}
+    grads = {"w": jnp.full((3,), 0.5, jnp.float32)}
+    state = optimizer.init(params)
+    sizes = []
+    with jax.numpy_dtype_promotion("standard"):
+        for _ in range(14):
+            updates, state = optimizer.update(grads, state, params)
+            sizes.append(-float(updates["w"][0]))
+
+    def expected(t):
+        if t < 4:
+            return 2e-3 * t / 4
+        if t >= 12:
+            return 0.0
+        return 2e-3 * 0.5 * (1 + math.cos(math.pi * (t - 4) / 8))
+
+    np.testing.assert_allclose(sizes, [expected(t) for t in range(14)], rtol=1e-5, atol=1e-9)
+    # The constant schedule is unchanged: every step moves by lr.
+    constant = eqdisp.make_optimizer(OptimConfig(lr=2e-3, eps=1e-12))
+    with jax.numpy_dtype_promotion("standard"):  # as in the train step (optax's b ** count)
+        updates, _ = constant.update(grads, constant.init(params), params)
+    assert float(updates["w"][0]) == pytest.approx(-2e-3, rel=1e-6)
+    with pytest.raises(ConfigError, match="optim.decay_steps"):
+        OptimConfig(schedule="cosine", warmup_steps=10, decay_steps=10)

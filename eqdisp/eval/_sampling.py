@@ -36,9 +36,8 @@ import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ..config import SamplerConfig
-from ..diffusion import GaussianDiffusion
 from ..images import save_grid, to_uint8
-from ..objective import Objective, draw_samples, make_objective
+from ..objective import Objective, describe_sampler, draw_samples, make_objective
 from ..sharding import batch_sharding, make_mesh, replicated
 from ._npz import EvalError, iter_npz, write_npz
 
@@ -121,29 +120,6 @@ def _duration(seconds: float) -> str:
     if minutes < 60:
         return f"{minutes} min {rest} s"
     return f"{minutes // 60} h {minutes % 60} min"
-
-
-def _describe_sampler(objective: Objective, sampler: SamplerConfig) -> str:
-    """The sampler and its network evaluations per image, e.g. ``ODE heun, 250 grid points = 498
-    evaluations each`` (the counting of `eqdisp.samplers` and `eqdisp.diffusion.ddpm_sample`)."""
-    steps = sampler.steps
-    if isinstance(objective, GaussianDiffusion):  # DiT runs: ancestral DDPM, one evaluation a step
-        text = f"DDPM, {steps} steps = {steps} evaluations each"
-    elif sampler.mode == "ode" and sampler.ode_method == "dopri5":
-        text = f"ODE dopri5, adaptive evaluations (rtol {sampler.rtol:g}, atol {sampler.atol:g})"
-    elif sampler.mode == "ode":
-        nfe = (2 if sampler.ode_method == "heun" else 1) * (steps - 1)
-        text = f"ODE {sampler.ode_method}, {steps} grid points = {nfe} evaluations each"
-    else:  # steps - 1 stochastic steps, then one evaluation for the last step unless it is "none"
-        last = 0 if sampler.last_step == "none" else 1
-        nfe = (2 if sampler.sde_method == "heun" else 1) * (steps - 1) + last
-        text = f"SDE {sampler.sde_method}, {steps} grid points = {nfe} evaluations each"
-    if sampler.cfg_scale != 1.0:
-        text += f", guidance {sampler.cfg_scale:g} doubles the batch"
-        low, high = sampler.cfg_interval
-        if not isinstance(objective, GaussianDiffusion) and (low > 0.0 or high < 1.0):
-            text += f" for t in [{low:g}, {high:g}]"
-    return text
 
 
 def _run_identity(ckpt, use_ema: bool) -> dict:
@@ -315,7 +291,7 @@ def generate(
             estimate = _duration(compile_s + len(todo) * seconds)
             print(
                 f"sampling {num} images in {batches} batches of {batch_size}{left} "
-                f"({_describe_sampler(transport, sampler)}); compile {_duration(compile_s)}, "
+                f"({describe_sampler(transport, sampler)}); compile {_duration(compile_s)}, "
                 f"first batch {seconds:.2f} s; estimated total {estimate}",
                 file=sys.stderr,
                 flush=True,

@@ -29,7 +29,7 @@ from ..config import ConfigError, ExperimentConfig
 from ..data import make_dataset
 from ..images import save_grid
 from ..models import make_model
-from ..objective import draw_samples, make_objective
+from ..objective import describe_sampler, draw_samples, make_objective
 from ..sharding import global_batch, initialize_distributed, make_mesh, shard_state
 from ._checkpoint import CheckpointError, Checkpointer, config_to_dict
 from ._step import TrainState, init_train_state, make_optimizer, make_train_step
@@ -250,11 +250,10 @@ def _write_samples(
     key_noise, key_sde = jr.split(jr.key(run.seed + 1))  # the same noise at every grid
     x_init = jr.normal(key_noise, shape)
     main_process = jax.process_index() == 0
-    method = sampler.ode_method if sampler.mode == "ode" else sampler.sde_method
     if main_process:
         print(
-            f"sample grid: {count} images, {sampler.mode} {method} with {sampler.steps} grid "
-            f"points, in batches of {chunk} (train.sample_count 0 skips it)",
+            f"sample grid: {count} images in batches of {chunk}, "
+            f"{describe_sampler(objective, sampler)} (train.sample_count 0 skips it)",
             flush=True,
         )
     parts, start = [], time.perf_counter()

@@ -33,8 +33,14 @@ class TrainState(eqx.Module):
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-    """AdamW with a constant learning rate, optionally after global-norm gradient clipping."""
-    adamw = optax.adamw(cfg.lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    """AdamW with a constant (or warm-up + cosine) learning rate, optionally after global-norm
+    gradient clipping."""
+    lr = cfg.lr
+    if cfg.schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(
+            0.0, cfg.lr, warmup_steps=cfg.warmup_steps, decay_steps=cfg.decay_steps
+        )
+    adamw = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.grad_clip is None:
         return adamw
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
