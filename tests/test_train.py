@@ -266,14 +266,20 @@ def test_a_failed_save_is_one_line_and_leaves_no_partial_checkpoint(tmp_path, mo
 
 
 def test_a_full_disk_during_a_save(tmp_path):
-    # A real full file system: a 90 MB tmpfs holds one sit-tiny checkpoint (59 MB), not two.
+    # A real full file system: a tmpfs in a private mount namespace holds a run with checkpoint 2,
+    # then is filled to 100 kB of free space, so the resumed run's small writes succeed and its
+    # next checkpoint (tens of MB) cannot be written.
     disk = tmp_path / "disk"
     disk.mkdir()
+    train = (f"{sys.executable} -m cli.train sit-tiny --train.out {disk}/run --train.batch-size 16 "
+             "--train.checkpoint-every 2 --train.sample-count 0")
     script = (
-        f"mount -t tmpfs -o size=90m tmpfs {disk} || exit 77; "
-        f"{sys.executable} -m cli.train sit-tiny --train.out {disk}/run --train.steps 6 "
-        "--train.batch-size 16 --train.checkpoint-every 2 --train.sample-count 0 >/dev/null; "
-        f"echo $? > {tmp_path}/rc; ls -A {disk}/run/checkpoints > {tmp_path}/left; "
+        f"mount -t tmpfs -o size=200m tmpfs {disk} || exit 77; "
+        f"{train} --train.steps 2 >/dev/null || exit 78; "
+        f"avail=$(df --output=avail -k {disk} | tail -n 1); "
+        f"dd if=/dev/zero of={disk}/fill bs=1K count=$((avail - 100)) 2>/dev/null; "
+        f"{train} --train.steps 6 >/dev/null; echo $? > {tmp_path}/rc; "
+        f"ls -A {disk}/run/checkpoints > {tmp_path}/left; "
         f"{sys.executable} -c 'import eqdisp; print(eqdisp.load_checkpoint(\"{disk}/run\").step)' "
         f"> {tmp_path}/loaded"
     )
@@ -285,12 +291,13 @@ def test_a_full_disk_during_a_save(tmp_path):
         pytest.skip("unshare is not installed")
     if result.returncode == 77 or "unshare:" in result.stderr:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    assert result.returncode != 78, result.stderr[-3000:]
     assert (tmp_path / "rc").read_text().strip() == "1"
     assert result.stderr.strip().splitlines() == [
         f"error: {disk}/run/checkpoints: could not write checkpoint 4 (No space left on device); "
         "the last complete checkpoint is step 2"
     ], result.stderr[-3000:]
-    assert (tmp_path / "left").read_text().split() == ["2"]
+    assert (tmp_path / "left").read_text().split() == ["2"]  # no partial checkpoint left
     assert (tmp_path / "loaded").read_text().strip() == "2"
 
 

@@ -443,10 +443,14 @@ class Checkpointer:
         }
         if data_iterator is not None:
             items[_DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+        self.wait()  # a save still in flight reports its own failure (orbax waits here anyway)
+        error = None
         try:
             started = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
         except Exception as e:  # noqa: BLE001 - orbax raises what the file system raised
-            raise self._write_error(step, e) from None
+            error = self._write_error(step, e)
+        if error is not None:
+            raise error  # outside the handler: no __context__ keeping orbax's futures alive
         if started:
             self._pending = step
         return started
@@ -454,8 +458,6 @@ class Checkpointer:
     def _write_error(self, step: int | None, error: Exception) -> CheckpointError:
         """The one-line error of a failed save, after removing its temporary directories."""
         self._failed = True
-        if self._pending is not None and not self._step_dir(self._pending).is_dir():
-            step = self._pending  # the save in flight failed, reported by a later call
         for leftover in self.directory.glob("*.orbax-checkpoint-tmp*"):
             shutil.rmtree(leftover, ignore_errors=True)
         complete = sorted(
@@ -500,13 +502,14 @@ class Checkpointer:
                     f"{step_dir}: no data iterator state was saved with this step"
                 )
             items[_DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+        error = None
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax/tensorstore errors run to many lines
             self._failed = True
-            raise CheckpointError(
-                f"{step_dir}: the checkpoint is truncated or corrupt ({_reason(e)})"
-            ) from None
+            error = CheckpointError(f"{step_dir}: the checkpoint is truncated or corrupt ({_reason(e)})")
+        if error is not None:
+            raise error  # outside the handler: no __context__ keeping the failed reads alive
         tree = restored[_STATE]
         key = tree["key"]
         if _is_key(like.key):
@@ -580,21 +583,28 @@ class Checkpointer:
 
         **Raises:** `CheckpointError` (one line) if one of them could not be written.
         """
+        error = None
         try:
             self._manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - a background write failed
-            raise self._write_error(self._pending, e) from None
+            error = self._write_error(self._pending, e)
+        if error is not None:
+            raise error  # outside the handler: no __context__ keeping orbax's futures alive
 
     def close(self) -> None:
         """Wait for pending saves and release orbax's threads (a failed save that was already
         raised is not raised again)."""
+        error = None
         try:
             self._manager.close()
         except Exception as e:  # noqa: BLE001
             if not self._failed:  # else it was raised already
-                raise self._write_error(self._pending, e) from None
-        finally:
-            self._noise.stop(failed=self._failed)
+                error = self._write_error(self._pending, e)
+        if self._failed:
+            self._manager = None  # holds the failed operations, collected (and silenced) now
+        self._noise.stop(failed=self._failed)
+        if error is not None:
+            raise error
 
     def __enter__(self) -> "Checkpointer":
         return self
