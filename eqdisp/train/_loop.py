@@ -366,6 +366,7 @@ def train(cfg: ExperimentConfig) -> dict:
         state = restored
 
     created = _prepare_out(out) if main_process else None
+    checkpointer = None
     try:
         if main_process:
             newer = [s for s in steps if s > start_step]
@@ -396,6 +397,8 @@ def train(cfg: ExperimentConfig) -> dict:
         if main_process:
             print(f"compiled in {compile_seconds:.1f} s", flush=True)
     except BaseException:
+        if checkpointer is not None:
+            checkpointer.close()
         if created is not None:  # a failed start leaves nothing behind
             shutil.rmtree(created, ignore_errors=True)
         raise
