@@ -31,7 +31,7 @@ from ..images import save_grid
 from ..models import make_model
 from ..objective import describe_sampler, draw_samples, make_objective
 from ..sharding import global_batch, initialize_distributed, make_mesh, shard_state
-from ._checkpoint import CheckpointError, Checkpointer, config_to_dict
+from ._checkpoint import CheckpointError, Checkpointer, _one_line, config_to_dict
 from ._step import TrainState, init_train_state, make_optimizer, make_train_step
 
 RESUMABLE_CHANGES: dict[str, tuple[str, ...] | None] = {
@@ -56,11 +56,6 @@ _ABANDONED = "abandoned-checkpoints"
 
 class TrainingError(RuntimeError):
     """Training stopped (e.g. a non-finite loss); the message is one line for the user."""
-
-
-def _one_line(error: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _StopSignal:
@@ -160,7 +155,7 @@ def _prepare_out(out: pathlib.Path) -> pathlib.Path | None:
     except OSError as error:
         if missing and missing[-1].is_dir():
             shutil.rmtree(missing[-1], ignore_errors=True)
-        reason = error.strerror or _one_line(error)
+        reason = error.strerror or _one_line(error, 200)
         raise ConfigError(
             f"train.out={str(out)!r} is not allowed: it cannot be written ({reason})"
         ) from None
