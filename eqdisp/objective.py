@@ -62,21 +62,31 @@ def draw_samples(
     return sample(model, x_init, y, key=key, transport=objective, config=config)
 
 
-def describe_sampler(objective: Objective, sampler: SamplerConfig) -> str:
-    """The sampler and its network evaluations per image, e.g. ``ODE heun, 250 grid points = 498
-    evaluations each`` (the counting of `sample` and `ddpm_sample`), as `draw_samples` runs it."""
+def sampler_evaluations(objective: Objective, sampler: SamplerConfig) -> int | None:
+    """Network evaluations per sample of `draw_samples` (the counting of `sample` and
+    `ddpm_sample`; guidance doubles the batch of each, not their number); None for ``dopri5``,
+    whose steps are adaptive."""
     steps = sampler.steps
     if isinstance(objective, GaussianDiffusion):  # DiT runs: ancestral DDPM, one evaluation a step
-        text = f"DDPM, {steps} steps = {steps} evaluations each"
-    elif sampler.mode == "ode" and sampler.ode_method == "dopri5":
+        return steps
+    if sampler.mode == "ode":
+        return {"heun": 2 * (steps - 1), "euler": steps - 1}.get(sampler.ode_method)
+    # steps - 1 stochastic steps, then one evaluation for the last step unless it is "none"
+    last = 0 if sampler.last_step == "none" else 1
+    return (2 if sampler.sde_method == "heun" else 1) * (steps - 1) + last
+
+
+def describe_sampler(objective: Objective, sampler: SamplerConfig) -> str:
+    """The sampler and its network evaluations per image, e.g. ``ODE heun, 250 grid points = 498
+    evaluations each``, as `draw_samples` runs it."""
+    nfe = sampler_evaluations(objective, sampler)
+    if isinstance(objective, GaussianDiffusion):
+        text = f"DDPM, {sampler.steps} steps = {nfe} evaluations each"
+    elif nfe is None:
         text = f"ODE dopri5, adaptive evaluations (rtol {sampler.rtol:g}, atol {sampler.atol:g})"
-    elif sampler.mode == "ode":
-        nfe = (2 if sampler.ode_method == "heun" else 1) * (steps - 1)
-        text = f"ODE {sampler.ode_method}, {steps} grid points = {nfe} evaluations each"
-    else:  # steps - 1 stochastic steps, then one evaluation for the last step unless it is "none"
-        last = 0 if sampler.last_step == "none" else 1
-        nfe = (2 if sampler.sde_method == "heun" else 1) * (steps - 1) + last
-        text = f"SDE {sampler.sde_method}, {steps} grid points = {nfe} evaluations each"
+    else:
+        method = sampler.ode_method if sampler.mode == "ode" else sampler.sde_method
+        text = f"{sampler.mode.upper()} {method}, {sampler.steps} grid points = {nfe} evaluations each"
     if sampler.cfg_scale != 1.0:
         text += f", guidance {sampler.cfg_scale:g} doubles the batch"
         low, high = sampler.cfg_interval

@@ -304,12 +304,23 @@ def test_a_full_disk_during_a_save(tmp_path):
 def test_sample_grid_follows_the_time_budget(tmp_path, capsys):
     from PIL import Image
 
-    summary = eqdisp.train(_tiny(tmp_path, steps=1, sample_count=24, sample_seconds=1e-3))
+    # A budget no image fits: sized by a timed evaluation before sampling, at least one image.
+    summary = eqdisp.train(_tiny(tmp_path / "tight", steps=1, sample_count=24, sample_seconds=1e-3))
     out = capsys.readouterr().out
-    assert "sample grid: 24 images in batches of 8, ODE heun, 50 grid points = 98 evaluations" in out
-    assert "sample grid: stopped at 8 of 24 images" in out
+    assert "sample grid: 1 of 24 images, since all would take" in out
+    assert "sample grid: 1 image in batches of 1, ~" in out
     with Image.open(summary["samples"]) as grid:
-        assert grid.size[0] > grid.size[1]  # one row of 8
+        assert grid.size[0] == grid.size[1]  # one image
+    # A budget that fits: every image, in batches of 8 with progress lines.
+    summary = eqdisp.train(_tiny(tmp_path / "fits", steps=1, sample_count=24))
+    out = capsys.readouterr().out
+    assert "sample grid: 24 images in batches of 8, ~" in out
+    assert "ODE heun, 50 grid points = 98 evaluations each" in out
+    assert [l.split(",")[0] for l in out.splitlines() if "/24 images" in l] == [
+        "sample grid: 8/24 images", "sample grid: 16/24 images", "sample grid: 24/24 images"
+    ]
+    with Image.open(summary["samples"]) as grid:
+        assert grid.size[0] > grid.size[1]  # three rows of 8
 
 
 @pytest.mark.parametrize(

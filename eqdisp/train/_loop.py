@@ -29,7 +29,7 @@ from ..config import ConfigError, ExperimentConfig
 from ..data import make_dataset
 from ..images import save_grid
 from ..models import make_model
-from ..objective import describe_sampler, draw_samples, make_objective
+from ..objective import describe_sampler, draw_samples, make_objective, sampler_evaluations
 from ..sharding import global_batch, initialize_distributed, make_mesh, shard_state
 from ._checkpoint import CheckpointError, Checkpointer, _one_line, config_to_dict
 from ._step import TrainState, init_train_state, make_optimizer, make_train_step
@@ -233,11 +233,31 @@ def _sample_chunk(model, x_init, y, key, objective, config):
     return draw_samples(model, x_init, y, key=key, objective=objective, config=config)
 
 
+@eqx.filter_jit
+def _evaluate(model, x, t, y):
+    return jax.vmap(model)(x, t, y)
+
+
+def _seconds_per_image(model, cfg: ExperimentConfig, objective, x, y) -> float | None:
+    """What one image of the grid costs: a timed network evaluation on a batch, times the
+    sampler's evaluations (twice with guidance); None for an adaptive sampler."""
+    nfe = sampler_evaluations(objective, cfg.sampler)
+    if nfe is None:
+        return None
+    t = jnp.full((x.shape[0],), 0.5, jnp.float32)
+    jax.block_until_ready(_evaluate(model, x, t, y))  # compile
+    tick = time.perf_counter()
+    jax.block_until_ready(_evaluate(model, x, t, y))
+    per_evaluation = (time.perf_counter() - tick) / x.shape[0]
+    return per_evaluation * nfe * (2 if cfg.sampler.cfg_scale != 1.0 else 1)
+
+
 def _write_samples(
     state: TrainState, cfg: ExperimentConfig, objective, path: pathlib.Path, stop: "_StopSignal"
 ) -> int:
-    """Draw the run's sample grid in batches of 8 within ``train.sample_seconds``; returns the
-    number of images written (0 if a signal arrived first)."""
+    """Draw the run's sample grid in batches of 8 within ``train.sample_seconds``: as many images
+    as a timed network evaluation says fit, and no batch more once the batches drawn say the
+    rest would not. Returns the number of images written (0 if a signal arrived first)."""
     run, sampler = cfg.train, cfg.sampler
     count, chunk = run.sample_count, min(run.sample_count, 8)
     y = jnp.arange(count, dtype=jnp.int32) % cfg.model.num_classes
@@ -245,14 +265,26 @@ def _write_samples(
     key_noise, key_sde = jr.split(jr.key(run.seed + 1))  # the same noise at every grid
     x_init = jr.normal(key_noise, shape)
     main_process = jax.process_index() == 0
+    model = state.ema_model
+    per_image = _seconds_per_image(model, cfg, objective, x_init[:chunk], y[:chunk])
+    if per_image is not None and count * per_image > run.sample_seconds:
+        count = max(1, int(run.sample_seconds / per_image))
+        chunk = min(chunk, count)
+        if main_process:
+            print(
+                f"sample grid: {count} of {run.sample_count} images, since all would take "
+                f"~{run.sample_count * per_image:.0f} s here (a timed network evaluation) > "
+                f"train.sample_seconds={run.sample_seconds:g}",
+                flush=True,
+            )
     if main_process:
+        estimate = f", ~{count * per_image:.0f} s" if per_image is not None else ""
         print(
-            f"sample grid: {count} images in batches of {chunk}, "
+            f"sample grid: {count} image{'s' * (count != 1)} in batches of {chunk}{estimate}, "
             f"{describe_sampler(objective, sampler)} (train.sample_count 0 skips it)",
             flush=True,
         )
     parts, start = [], time.perf_counter()
-    model = state.ema_model
     for first in range(0, count, chunk):
         if stop.received is not None:
             break
