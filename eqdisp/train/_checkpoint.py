@@ -117,19 +117,22 @@ class _OrbaxNoise:
         return record.getMessage() != "Future exception was never retrieved"
 
     def stop(self, failed: bool) -> None:
-        """Put the hooks back; after a failure, once the reports have gone quiet (0.5 s without
-        one, 10 s at most) and the failed futures are collected."""
+        """Put the hooks back. After a failure, wait until the reports have gone quiet (0.5 s
+        without one, 10 s at most) and collect the failed futures; the unraisable hook and the
+        asyncio filter then stay for the rest of the process, since tensorstore may still finish
+        (and report) a straggling operation at any later time, even at exit."""
         deadline, seen = time.monotonic() + 10.0, -1
         while failed and self.dropped != seen and time.monotonic() < deadline:
             seen = self.dropped
             time.sleep(0.5)
+        logging.getLogger("absl").removeFilter(self._orbax_errors)
         if failed:
             with warnings.catch_warnings():  # coroutines of the failed operation, never awaited
                 warnings.simplefilter("ignore", RuntimeWarning)
                 gc.collect()
+            return
         if sys.unraisablehook == self._hook:
             sys.unraisablehook = self._previous_hook
-        logging.getLogger("absl").removeFilter(self._orbax_errors)
         logging.getLogger("asyncio").removeFilter(self._lost_futures)
 
 
