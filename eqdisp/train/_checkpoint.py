@@ -88,7 +88,7 @@ class _OrbaxNoise:
     closes its event loop while tensorstore's operations on the other arrays are still
     completing: each then reports ``RuntimeError('Event loop is closed')`` through
     ``sys.unraisablehook``, some after the call has returned, and the futures of the failed
-    reads log "Future exception was never retrieved" (asyncio, ERROR) when they are collected,
+    operations log "Future/Task exception was never retrieved" (asyncio, ERROR) when collected,
     beside coroutines that warn that they were never awaited.
     While active, exactly those records and reports are dropped; everything else passes through.
     """
@@ -114,7 +114,10 @@ class _OrbaxNoise:
 
     @staticmethod
     def _lost_futures(record: logging.LogRecord) -> bool:
-        return record.getMessage() != "Future exception was never retrieved"
+        return record.getMessage() not in (
+            "Future exception was never retrieved",
+            "Task exception was never retrieved",
+        )
 
     def stop(self, failed: bool) -> None:
         """Put the hooks back. After a failure, wait until the reports have gone quiet (0.5 s
