@@ -414,3 +414,50 @@ def test_restore_keeps_shardings_on_8_devices(tmp_path):
         timeout=300,
     )
     assert child.returncode == 0 and child.stdout.strip().endswith("ok"), child.stderr[-3000:]
+
+
+def test_straggler_reports_of_a_failed_checkpoint_stay_silent_and_nothing_else_does():
+    """asyncio reports a lost task as "Task exception was never retrieved" followed by the task
+    and its traceback on further lines; after a failed read or write those reports (and
+    "Event loop is closed") are dropped for the rest of the process, even once another, healthy
+    checkpointer has come and gone. Every other asyncio error still gets through."""
+    import asyncio
+    import gc
+    import logging
+    import sys
+
+    from eqdisp.train._checkpoint import _OrbaxNoise
+
+    original_hook = sys.unraisablehook
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage().partition("\n")[0])
+    asyncio_log = logging.getLogger("asyncio")
+    asyncio_log.addHandler(handler)
+    failed, healthy = _OrbaxNoise(), _OrbaxNoise()
+    try:
+        failed.stop(failed=True)
+        healthy.stop(failed=False)
+
+        async def lost():
+            raise OSError("tensorstore: the read failed")
+
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(lost())
+        loop.run_until_complete(asyncio.sleep(0))
+        loop.close()
+        del task
+        gc.collect()
+        asyncio_log.error("some other asyncio error")
+        assert seen == ["some other asyncio error"]
+
+        sys.unraisablehook(_unraisable(RuntimeError("Event loop is closed")))
+        assert failed.dropped == 1
+    finally:
+        asyncio_log.removeHandler(handler)
+        asyncio_log.removeFilter(failed._lost_futures)
+        sys.unraisablehook = original_hook
+
+
+def _unraisable(error):
+    return type("Unraisable", (), {"exc_value": error, "exc_type": type(error), "object": None})()

@@ -107,14 +107,16 @@ class _OrbaxNoise:
         else:
             self._previous_hook(unraisable)
 
-    @staticmethod
-    def _orbax_errors(record: logging.LogRecord) -> bool:
+    # Methods, not static methods: each instance's filters are distinct objects, so one
+    # checkpointer removing its own filters leaves those a failed one keeps in place.
+    def _orbax_errors(self, record: logging.LogRecord) -> bool:
         from_orbax = f"{os.sep}orbax{os.sep}checkpoint{os.sep}" in record.pathname
         return not (record.levelno >= logging.ERROR and from_orbax)
 
-    @staticmethod
-    def _lost_futures(record: logging.LogRecord) -> bool:
-        return record.getMessage() not in (
+    def _lost_futures(self, record: logging.LogRecord) -> bool:
+        # asyncio appends "future: <Task ...>" and the traceback on the lines after the first.
+        first_line = record.getMessage().partition("\n")[0]
+        return first_line not in (
             "Future exception was never retrieved",
             "Task exception was never retrieved",
         )
