@@ -3,6 +3,7 @@
 from .config import ConfigError
 from .data import DataError
 from .eval import EvalError, InceptionWeightsError
+from .io import WeightsError
 from .train import CheckpointError, TrainingError
 
 USER_ERRORS: tuple[type[Exception], ...] = (
@@ -12,6 +13,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     TrainingError,
     EvalError,
     InceptionWeightsError,
+    WeightsError,
 )
 
 __all__ = [
@@ -22,4 +24,5 @@ __all__ = [
     "EvalError",
     "InceptionWeightsError",
     "TrainingError",
+    "WeightsError",
 ]

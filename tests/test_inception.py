@@ -5,12 +5,7 @@ Ground truth: `reference/state_dict_layouts.md` (key names, shapes) and `referen
 """
 
 import collections
-import io
-import os
 import pathlib
-import pickle
-import struct
-import zipfile
 
 import equinox as eqx
 import jax
@@ -414,167 +409,51 @@ def test_state_dict_errors_are_one_line():
         state_dict_to_model(dict(state, **{"AuxLogits.fc.weight": np.zeros((1, 1), np.float32)}))
 
 
-# A tiny writer of PyTorch's two .pth formats (as torch.save writes them), so the reader is tested
-# without torch: pickle protocol 2, tensors as torch._utils._rebuild_tensor_v2(storage, offset,
-# size, stride, requires_grad, hooks), storages as persistent ids.
-
-_STORAGE_NAMES = {np.dtype("float32"): "FloatStorage", np.dtype("int64"): "LongStorage"}
-_STORAGE_NAMES[np.dtype("float16")] = "HalfStorage"
+# Weight files in every format `load_inception` accepts, written without torch (`torchfiles`); the
+# reader itself is tested in test_io.py.
 
 
-class _Global:
-    """Pickled as GLOBAL module.name (torch need not be importable)."""
+@pytest.mark.parametrize("fmt", ["zip", "legacy", "safetensors", "npz"])
+def test_load_inception_from_every_format(tmp_path, fmt):
+    from safetensors.numpy import save_file
+    from torchfiles import write_torch_file
 
-    def __init__(self, module, name):
-        self.module, self.name = module, name
-
-    def __call__(self, *args):  # pickle requires reduce callables to be callable
-        raise AssertionError
-
-
-class _Storage:
-    def __init__(self, key, flat):
-        self.key, self.flat = key, np.array(flat, order="C").ravel()
-
-
-class _Tensor:
-    def __init__(self, storage, offset, shape, stride):
-        self.storage, self.offset, self.shape, self.stride = storage, offset, shape, stride
-
-    def __reduce__(self):
-        args = (
-            self.storage,
-            self.offset,
-            self.shape,
-            self.stride,
-            False,
-            collections.OrderedDict(),
-        )
-        return _Global("torch._utils", "_rebuild_tensor_v2"), args
-
-
-class _TorchPickler(pickle._Pickler):
-    dispatch = pickle._Pickler.dispatch.copy()
-
-    def __init__(self, file, legacy):
-        super().__init__(file, protocol=2)
-        self.legacy = legacy
-
-    def _save_global(self, obj):
-        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
-        self.memoize(obj)
-
-    dispatch[_Global] = _save_global
-
-    def persistent_id(self, obj):
-        if not isinstance(obj, _Storage):
-            return None
-        kind = _Global("torch", _STORAGE_NAMES[obj.flat.dtype])
-        pid = ("storage", kind, obj.key, "cpu", obj.flat.size)
-        return pid + (None,) if self.legacy else pid
-
-
-def _plain(storage_key, array):
-    array = np.array(array, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
-    stride = tuple(s // array.itemsize for s in array.strides)
-    return _Tensor(_Storage(storage_key, array), 0, array.shape, stride)
-
-
-def _write_pth(path, tensors, *, legacy):
-    state = collections.OrderedDict(tensors)
-    buffer = io.BytesIO()
-    _TorchPickler(buffer, legacy).dump(state)
-    storages = {}
-    for tensor in state.values():
-        storages.setdefault(tensor.storage.key, tensor.storage)
-    if legacy:
-        with open(path, "wb") as f:
-            for header in (
-                0x1950A86A20F9469CFC6C,
-                1001,
-                {"protocol_version": 1001, "little_endian": True},
-            ):
-                pickle.dump(header, f, protocol=2)
-            f.write(buffer.getvalue())
-            keys = sorted(storages)
-            pickle.dump(keys, f, protocol=2)
-            f.writelines(
-                struct.pack("<q", storages[key].flat.size) + storages[key].flat.tobytes()
-                for key in keys
-            )
-    else:
-        root = pathlib.Path(path).stem
-        with zipfile.ZipFile(path, "w") as archive:
-            archive.writestr(f"{root}/data.pkl", buffer.getvalue())
-            archive.writestr(f"{root}/byteorder", "little")
-            for key, storage in storages.items():
-                archive.writestr(f"{root}/data/{key}", storage.flat.tobytes())
-            archive.writestr(f"{root}/version", "3\n")
-
-
-@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
-def test_pth_reader_strides_offsets_dtypes(tmp_path, legacy):
-    from eqdisp.eval._inception import read_torch_state_dict
-
-    rng = np.random.default_rng(0)
-    base = rng.standard_normal(30).astype(np.float32)
-    shared = _Storage("7", base)
-    tensors = {
-        "a.conv.weight": _plain("0", rng.standard_normal((4, 3, 2, 2)).astype(np.float32)),
-        "a.bn.num_batches_tracked": _plain("1", np.array(12, np.int64)),
-        "transposed": _Tensor(shared, 0, (5, 6), (1, 5)),  # a (6, 5) tensor's .t()
-        "offset_view": _Tensor(shared, 7, (2, 3), (5, 1)),  # base.reshape(6, 5)[1:3, 2:5]
-        "half": _plain("2", np.arange(4, dtype=np.float16)),
-    }
-    path = tmp_path / "weights.pth"
-    _write_pth(path, tensors, legacy=legacy)
-    state = read_torch_state_dict(path)
-    assert list(state) == list(tensors)
-    np.testing.assert_array_equal(
-        state["a.conv.weight"], tensors["a.conv.weight"].storage.flat.reshape(4, 3, 2, 2)
-    )
-    assert state["a.bn.num_batches_tracked"].shape == () and state["a.bn.num_batches_tracked"] == 12
-    np.testing.assert_array_equal(state["transposed"], base.reshape(6, 5).T)
-    np.testing.assert_array_equal(state["offset_view"], base.reshape(6, 5)[1:3, 2:5])
-    assert state["half"].dtype == np.float16
-
-
-def test_load_inception_from_pth_and_npz(tmp_path):
     from eqdisp.eval._inception import load_inception, model_to_state_dict
 
     state = _synthetic_state(seed=1)
-    pth = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
-    _write_pth(pth, {k: _plain(str(i), v) for i, (k, v) in enumerate(state.items())}, legacy=False)
-    npz = tmp_path / "inception.npz"
-    np.savez(npz, **_float_part(state))
-    for path in (pth, npz):
-        back = model_to_state_dict(load_inception(path))
-        assert all(np.array_equal(back[k], v) for k, v in _float_part(state).items())
+    path = tmp_path / ("inception.npz" if fmt == "npz" else "pt_inception-2015-12-05-6726825d.pth")
+    if fmt in ("zip", "legacy"):
+        write_torch_file(path, collections.OrderedDict(state), legacy=fmt == "legacy")
+    elif fmt == "safetensors":
+        save_file(state, path)  # any suffix: the format is told by content
+    else:
+        np.savez(path, **_float_part(state))
+    back = model_to_state_dict(load_inception(path))
+    assert all(np.array_equal(back[k], v) for k, v in _float_part(state).items())
 
 
-def test_pth_reader_refuses_other_globals(tmp_path):
-    from eqdisp.eval._inception import InceptionWeightsError, read_torch_state_dict
+def test_load_inception_runs_no_code_from_the_file(tmp_path):
+    from torchfiles import Global, Reduce, write_torch_file
+
+    from eqdisp.eval._inception import InceptionWeightsError, load_inception, model_to_state_dict
 
     marker = tmp_path / "pwned"
-    payload = pickle.dumps({"x": _Call(os.mkdir, (str(marker),))}, protocol=2)
+    mkdir = Reduce(Global("posix", "mkdir"), (str(marker),))
+    state = _synthetic_state(seed=2)
     path = tmp_path / "evil.pth"
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("evil/data.pkl", payload)
-    with pytest.raises(InceptionWeightsError, match="refusing to load the global") as info:
-        read_torch_state_dict(path)
-    assert "\n" not in str(info.value) and not marker.exists()
+    # The call rides along in a real state dict: the weights load, the call stays a record.
+    write_torch_file(path, collections.OrderedDict(state, x=mkdir))
+    back = model_to_state_dict(load_inception(path))
+    assert np.array_equal(back["fc.weight"], state["fc.weight"]) and not marker.exists()
+    write_torch_file(path, {"x": mkdir})
+    with pytest.raises(InceptionWeightsError, match="holds no tensors") as info:
+        load_inception(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value) and not marker.exists()
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(InceptionWeightsError, match="cannot read"):
-        read_torch_state_dict(garbage)
-
-
-class _Call:
-    def __init__(self, func, args):
-        self.func, self.args = func, args
-
-    def __reduce__(self):
-        return self.func, self.args
+    with pytest.raises(InceptionWeightsError, match="not a weight file") as info:
+        load_inception(garbage)
+    assert "\n" not in str(info.value)
 
 
 def test_missing_file_is_one_line_error(tmp_path, monkeypatch):
@@ -593,22 +472,3 @@ def test_missing_file_is_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(InceptionWeightsError, match=r"\.cache/eqdisp/pt_inception-2015-12-05"):
         load_inception()
-
-
-def test_pth_reader_matches_torch_load(tmp_path):
-    """Cross-check against torch.save/torch.load where torch happens to be installed."""
-    torch = pytest.importorskip("torch")
-    from eqdisp.eval._inception import read_torch_state_dict
-
-    base = torch.randn(6, 5)
-    state = collections.OrderedDict(
-        w=torch.randn(4, 3, 2, 2), n=torch.tensor(3), t=base.t(), v=base[1:3, 2:5]
-    )
-    for legacy in (False, True):
-        path = tmp_path / f"torch_{legacy}.pth"
-        torch.save(state, path, _use_new_zipfile_serialization=not legacy)
-        ours = read_torch_state_dict(path)
-        theirs = torch.load(path, map_location="cpu", weights_only=True)
-        assert list(ours) == list(theirs)
-        for key, value in theirs.items():
-            np.testing.assert_array_equal(ours[key], value.numpy())

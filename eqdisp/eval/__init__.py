@@ -57,6 +57,5 @@ from ._inception import (
     inception_features as inception_features,
     load_inception as load_inception,
     model_to_state_dict as model_to_state_dict,
-    read_torch_state_dict as read_torch_state_dict,
     state_dict_to_model as state_dict_to_model,
 )

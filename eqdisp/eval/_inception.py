@@ -19,18 +19,15 @@ Facts from `reference/meanflow_unet_fid.md` §3 and `reference/state_dict_layout
 - Computation is NHWC with HWIO kernels (XLA:CPU's native layout). BatchNorm is folded into the
   conv at call time; the module stores the file's raw tensors so the state dict round-trips exactly.
 
-Weight files are never downloaded: `load_inception` reads a `.pth` (without torch: a restricted
-unpickler that only rebuilds tensors into NumPy) or an `.npz` with the same keys.
+Weight files are never downloaded: `load_inception` reads a `.pth` (without torch, through
+`eqdisp.io.read_state_dict`, whose unpickler runs no code from the file), or a `.safetensors` or
+`.npz` with the same keys.
 """
 
-import collections
 import math
 import os
 import pathlib
-import pickle
-import struct
-import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
 import equinox as eqx
@@ -39,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jaxtyping import Array, Float, PRNGKeyArray, UInt8
+
+from ..io import WeightsError, read_state_dict
 
 Frontend = Literal["tf1", "pytorch_fid"]
 
@@ -55,8 +54,12 @@ _NUM_CLASSES = 1008
 _SPATIAL_CHANNELS = 7  # ADM keeps the first 7 channels of mixed_6/conv (§3.1).
 
 
-class InceptionWeightsError(Exception):
-    """The Inception weight file is missing or unreadable. The message is one line for the user."""
+class InceptionWeightsError(WeightsError):
+    """The Inception weight file is missing or unreadable, or not the FID Inception's weights.
+
+    The message is one line for the user. A `WeightsError` (of `eqdisp.io`), so loaders that
+    catch that catch this too.
+    """
 
 
 def default_weights_path() -> pathlib.Path:
@@ -609,215 +612,6 @@ def state_dict_to_model(state: Mapping[str, Any], *, frontend: Frontend = "tf1")
     return jax.tree_util.tree_map_with_path(fill, template)
 
 
-# ----------------------------------------------------------------------------------------------
-# Reading .pth files without torch
-
-
-_STORAGE_DTYPES = {
-    "FloatStorage": np.dtype("<f4"),
-    "DoubleStorage": np.dtype("<f8"),
-    "HalfStorage": np.dtype("<f2"),
-    "BFloat16Storage": np.dtype("<u2"),  # widened to float32 after reading
-    "LongStorage": np.dtype("<i8"),
-    "IntStorage": np.dtype("<i4"),
-    "ShortStorage": np.dtype("<i2"),
-    "CharStorage": np.dtype("i1"),
-    "ByteStorage": np.dtype("u1"),
-    "BoolStorage": np.dtype("?"),
-}
-_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER (pre-1.6 format)
-_LEGACY_PROTOCOL = 1001
-
-
-class _StorageType:
-    def __init__(self, name: str):
-        self.name = name
-        self.dtype = _STORAGE_DTYPES[name]
-
-
-class _StorageRef:
-    """A storage named in the pickle; its bytes are read afterwards (`root` key + element offset)."""
-
-    def __init__(self, name: str, root: str, numel: int, offset: int = 0):
-        self.name, self.root, self.numel, self.offset = name, root, numel, offset
-
-
-class _TensorRef:
-    def __init__(self, storage: Any, offset: Any, size: Any, stride: Any):
-        if not isinstance(storage, _StorageRef):
-            raise pickle.UnpicklingError("tensor without a storage")
-        self.storage = storage
-        self.offset = int(offset)
-        self.size = tuple(int(n) for n in size)
-        self.stride = tuple(int(s) for s in stride)
-
-
-def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored):
-    # Covers torch._utils._rebuild_tensor_v2(storage, offset, size, stride, requires_grad,
-    # backward_hooks[, metadata]) and the older _rebuild_tensor(storage, offset, size, stride).
-    return _TensorRef(storage, storage_offset, size, stride)
-
-
-def _rebuild_parameter(data, *_ignored):
-    return data
-
-
-_ALLOWED_GLOBALS: dict[tuple[str, str], Callable[..., Any]] = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-}
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    """Rebuilds only dicts, tensors and storage references; any other global is refused."""
-
-    def __init__(self, file: Any, storages: dict[str, _StorageRef]):
-        super().__init__(file)
-        self.storages = storages
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED_GLOBALS:
-            return _ALLOWED_GLOBALS[(module, name)]
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _StorageType(name)
-        raise pickle.UnpicklingError(f"refusing to load the global {module}.{name}")
-
-    def persistent_load(self, pid: Any) -> _StorageRef:
-        # zip format: ('storage', type, key, location, numel)
-        # legacy format: ('storage', type, key, location, numel, view_metadata)
-        if not (
-            isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] in ("storage", b"storage")
-        ):
-            raise pickle.UnpicklingError(f"unknown persistent id {pid!r:.80}")
-        storage_type, key, numel = pid[1], str(pid[2]), int(pid[4])
-        if not isinstance(storage_type, _StorageType):
-            raise pickle.UnpicklingError(f"unsupported storage type {storage_type!r:.80}")
-        root = self.storages.setdefault(key, _StorageRef(storage_type.name, key, numel))
-        view = pid[5] if len(pid) == 6 else None
-        if view is None:
-            return root
-        view_key, offset, view_numel = str(view[0]), int(view[1]), int(view[2])
-        if offset < 0 or offset + view_numel > root.numel:
-            raise pickle.UnpicklingError(f"storage view {view_key} out of bounds")
-        return self.storages.setdefault(
-            view_key, _StorageRef(storage_type.name, key, view_numel, offset)
-        )
-
-
-def _materialise(tensor: _TensorRef, data: dict[str, np.ndarray]) -> np.ndarray:
-    storage = tensor.storage
-    flat = data[storage.root]
-    start = storage.offset + tensor.offset
-    if any(n == 0 for n in tensor.size):
-        return np.zeros(tensor.size, flat.dtype)
-    last = start + sum((n - 1) * s for n, s in zip(tensor.size, tensor.stride))
-    if start < 0 or min(tensor.stride, default=0) < 0 or last >= flat.size:
-        raise pickle.UnpicklingError("tensor reaches outside its storage")
-    strides = tuple(s * flat.itemsize for s in tensor.stride)
-    view = np.lib.stride_tricks.as_strided(flat[start:], tensor.size, strides, writeable=False)
-    return np.array(view)
-
-
-def _decode_storage(raw: bytes, ref: _StorageRef, byteorder: str) -> np.ndarray:
-    dtype = _STORAGE_DTYPES[ref.name]
-    if byteorder == "big":
-        dtype = dtype.newbyteorder(">")
-    if len(raw) != ref.numel * dtype.itemsize:
-        raise pickle.UnpicklingError(f"storage {ref.root} has {len(raw)} bytes, expected more")
-    flat = np.frombuffer(raw, dtype).astype(dtype.newbyteorder("="))
-    if ref.name == "BFloat16Storage":
-        flat = (flat.astype(np.uint32) << 16).view(np.float32)
-    return flat
-
-
-def _read_zip(path: pathlib.Path) -> tuple[Any, dict[str, np.ndarray]]:
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
-        pickles = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
-        if len(pickles) != 1:
-            raise pickle.UnpicklingError("no <archive>/data.pkl in the zip file")
-        prefix = pickles[0][: -len("data.pkl")]
-        byteorder = "little"
-        if prefix + "byteorder" in names:
-            byteorder = archive.read(prefix + "byteorder").decode().strip()
-        storages: dict[str, _StorageRef] = {}
-        with archive.open(pickles[0]) as file:
-            obj = _SafeUnpickler(file, storages).load()
-        data = {
-            key: _decode_storage(archive.read(f"{prefix}data/{key}"), ref, byteorder)
-            for key, ref in storages.items()
-            if ref.root == key
-        }
-    return obj, data
-
-
-def _read_legacy(path: pathlib.Path) -> tuple[Any, dict[str, np.ndarray]]:
-    storages: dict[str, _StorageRef] = {}
-    with open(path, "rb") as file:
-        if _SafeUnpickler(file, storages).load() != _LEGACY_MAGIC:
-            raise pickle.UnpicklingError("not a PyTorch file (bad magic number)")
-        if _SafeUnpickler(file, storages).load() != _LEGACY_PROTOCOL:
-            raise pickle.UnpicklingError("unsupported legacy PyTorch protocol version")
-        sys_info = _SafeUnpickler(file, storages).load()
-        byteorder = "little" if sys_info.get("little_endian", True) else "big"
-        obj = _SafeUnpickler(file, storages).load()
-        keys = _SafeUnpickler(file, storages).load()
-        data = {}
-        for key in keys:
-            ref = storages[str(key)]
-            (numel,) = struct.unpack("<q" if byteorder == "little" else ">q", file.read(8))
-            if numel != ref.numel:
-                raise pickle.UnpicklingError(
-                    f"storage {key} holds {numel} values, expected {ref.numel}"
-                )
-            raw = file.read(numel * _STORAGE_DTYPES[ref.name].itemsize)
-            data[ref.root] = _decode_storage(raw, ref, byteorder)
-    return obj, data
-
-
-def read_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read the tensors of a PyTorch `.pth` state dict into NumPy, without torch.
-
-    Handles the zip format (torch >= 1.6) and the legacy pickle-stream format (torch < 1.6),
-    strided and offset tensors, and little- or big-endian storages. The unpickler only rebuilds
-    `OrderedDict`s, tensors and storages; any other global is refused (no code runs).
-
-    **Returns:** key -> array for every tensor in the top-level mapping, in file order.
-
-    **Raises:** `InceptionWeightsError` (one line) if the file is not such a state dict.
-    """
-    path = pathlib.Path(path)
-    try:
-        if zipfile.is_zipfile(path):
-            obj, data = _read_zip(path)
-        else:
-            obj, data = _read_legacy(path)
-        if not isinstance(obj, Mapping):
-            raise pickle.UnpicklingError(f"the file holds a {type(obj).__name__}, not a state dict")
-        return {
-            str(key): _materialise(value, data)
-            for key, value in obj.items()
-            if isinstance(value, _TensorRef)
-        }
-    except (
-        pickle.UnpicklingError,
-        zipfile.BadZipFile,
-        EOFError,
-        KeyError,
-        struct.error,
-        ValueError,
-        AttributeError,
-        TypeError,
-        IndexError,
-    ) as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise InceptionWeightsError(
-            f"cannot read {path} as a PyTorch state dict: {message}"
-        ) from None
-
-
 def load_inception(
     path: str | os.PathLike | None = None, *, frontend: Frontend = "tf1"
 ) -> InceptionV3FID:
@@ -826,8 +620,8 @@ def load_inception(
     **Arguments:**
 
     - `path`: a `.pth` (pytorch-fid `pt_inception-2015-12-05-6726825d.pth` or torch-fidelity's
-        identical `weights-inception-2015-12-05-6726825d.pth`; torch is not needed) or an `.npz`
-        with the same keys. Default: `default_weights_path()`.
+        identical `weights-inception-2015-12-05-6726825d.pth`; torch is not needed), or a
+        `.safetensors` or `.npz` with the same keys. Default: `default_weights_path()`.
     - `frontend`: see `InceptionV3FID`.
 
     **Returns:** the model.
@@ -842,14 +636,10 @@ def load_inception(
             f"{WEIGHTS_FILENAME} in ~/.cache/eqdisp/ (get it from {WEIGHTS_URL}; "
             "eqdisp never downloads)"
         )
-    if path.suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                state = {key: archive[key] for key in archive.files}
-        except (OSError, ValueError, zipfile.BadZipFile) as error:
-            raise InceptionWeightsError(f"cannot read {path} as an .npz: {error}") from None
-    else:
-        state = read_torch_state_dict(path)
+    try:
+        state = read_state_dict(path)
+    except WeightsError as error:
+        raise InceptionWeightsError(str(error)) from None
     return state_dict_to_model(state, frontend=frontend)
 
 
