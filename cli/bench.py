@@ -1,5 +1,6 @@
 """Benchmarks that print figures: ``python -m cli.bench step SiT-S/2 --batch 32``, ``disp``,
-``sample``, and ``reference`` (the PyTorch SiT step on the same machine, when torch is installed).
+``sample``, ``vae`` (SD-VAE encode/decode images/s) and ``reference`` (the PyTorch SiT step on the
+same machine, when torch is installed).
 
 Prints a summary (``key: value unit``, the CPU first); ``--json PATH`` also writes every figure to
 a file, ``--json -`` prints the JSON instead of the summary.
@@ -13,6 +14,7 @@ from typing import Literal
 import tyro
 
 from eqdisp.config import ConfigError, DispConfig
+from eqdisp.vae import VAEConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,9 +123,31 @@ class Reference:
         return {**figures, "cpu": cpu_info()}
 
 
+@dataclasses.dataclass(frozen=True)
+class Vae:
+    """The SD-VAE (random weights): encode and decode images/s, compile times and memory."""
+
+    batch: int = 4
+    resolution: int = 256
+    """Image side (a multiple of 8); latents are resolution / 8."""
+    steps: int = 3
+    """Timed calls of encode and of decode (after one warm-up call each)."""
+    config: VAEConfig = VAEConfig()
+    """The architecture; default the SD-VAE's (sd-vae-ft-ema / -ft-mse)."""
+    json: str | None = None
+    """Also write all figures as JSON to this file; ``-`` prints the JSON instead of the summary."""
+
+    def run(self) -> dict:
+        from eqdisp.bench import bench_vae
+
+        return bench_vae(self.batch, self.resolution, config=self.config, steps=self.steps)
+
+
 def main(argv: list[str] | None = None) -> dict:
     command = tyro.extras.subcommand_cli_from_dict(
-        {"step": Step, "disp": Disp, "sample": Sample, "reference": Reference}, prog="python -m cli.bench", args=argv
+        {"step": Step, "disp": Disp, "sample": Sample, "reference": Reference, "vae": Vae},
+        prog="python -m cli.bench",
+        args=argv,
     )
     figures = command.run()
     from eqdisp.bench import format_figures

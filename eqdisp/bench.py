@@ -344,3 +344,72 @@ def bench_sample(
         "images_per_s": round(batch / (ms_per_nfe * full_nfe / 1000), 4),
         "cpu": cpu_info(),
     }
+
+
+def bench_vae(
+    batch: int = 4, resolution: int = 256, *, config: Any = None, steps: int = 3
+) -> dict:
+    """Encode and decode images/s of the SD-VAE (random weights), compile times and memory.
+
+    **Arguments:**
+
+    - `batch`: images per call (`jax.vmap` over `AutoencoderKL.encode` / `decode`).
+    - `resolution`: image side; latents are `resolution / 8` (a multiple of the config's
+      downsampling factor).
+    - `config`: a `eqdisp.vae.VAEConfig`; default the SD-VAE's.
+    - `steps`: timed calls of each (after one warm-up call).
+
+    FLOPs are XLA's count of the compiled program (every layer is unrolled, so nothing is
+    missed). Memory: XLA's compiled-program figures (parameters are the arguments; the
+    activations the temporaries) and the process's peak RSS so far.
+    """
+    from .vae import AutoencoderKL, VAEConfig
+
+    config = VAEConfig() if config is None else config
+    factor = config.downsampling_factor
+    if batch < 1:
+        raise ConfigError(f"--batch {batch} is not allowed: expected >= 1")
+    if resolution < factor or resolution % factor:
+        raise ConfigError(
+            f"--resolution {resolution} is not allowed: expected a positive multiple of {factor}"
+        )
+    vae = AutoencoderKL(config, key=jr.key(0))
+    images = jr.uniform(jr.key(1), (batch, config.in_channels, resolution, resolution),
+                        jnp.float32, -1.0, 1.0)  # fmt: skip
+    side = resolution // factor
+    latents = jr.normal(jr.key(2), (batch, config.latent_channels, side, side), jnp.float32)
+    encode = eqx.filter_jit(lambda v, x: jax.vmap(v.encode)(x))
+    decode = eqx.filter_jit(lambda v, z: jax.vmap(v.decode)(z))
+    figures: dict[str, Any] = {
+        "model": "sd-vae" if config == VAEConfig() else repr(config),
+        "batch": batch,
+        "resolution": resolution,
+        "latent_shape": [config.latent_channels, side, side],
+        "device": jax.devices()[0].device_kind,
+    }
+    memory = {}
+    gib = 2.0**30
+    for name, fn, x in (("encode", encode, images), ("decode", decode, latents)):
+        start = time.perf_counter()
+        compiled = fn.lower(vae, x).compile()
+        figures[f"{name}_compile_s"] = round(time.perf_counter() - start, 2)
+        analysis = compiled.compiled.memory_analysis()
+        cost = compiled.compiled.cost_analysis()
+        cost = (cost[0] if isinstance(cost, list) else cost) or {}
+        flops = float(cost.get("flops", float("nan"))) / batch  # no loops: XLA counts all of it
+        memory[f"{name}_temporaries"] = round(analysis.temp_size_in_bytes / gib, 3)
+        memory[f"{name}_arguments"] = round(analysis.argument_size_in_bytes / gib, 3)
+        _timed(lambda: compiled(vae, x), 1)
+        times = _timed(lambda: compiled(vae, x), steps)
+        seconds = statistics.median(times)
+        figures[f"{name}_s_median"] = round(seconds, 4)
+        figures[f"{name}_images_per_s"] = round(batch / seconds, 3)
+        figures[f"{name}_gflop_per_image_xla"] = round(flops / 1e9, 2)
+        figures[f"{name}_achieved_gflop_s"] = round(flops * batch / seconds / 1e9, 1)
+    device_peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    memory["process_peak_rss"] = round(peak_rss, 3)
+    memory["device_peak"] = round(device_peak / gib, 3) if device_peak is not None else None
+    figures["memory_gib"] = memory
+    figures["cpu"] = cpu_info()
+    return figures
