@@ -355,6 +355,22 @@ def test_tensor_the_reader_cannot_decode_is_a_one_line_error(tmp_path):
     _assert_one_line(info, path)
 
 
+def test_safetensors_whose_header_length_starts_like_a_pickle(tmp_path):
+    """The u64 header length comes first; its low byte may be 0x80, a pickle's first byte."""
+    from safetensors.numpy import save_file
+
+    from eqdisp.io import read_state_dict
+
+    for pad in range(300):  # key lengths that move the header length through one low byte
+        path = tmp_path / f"{pad}.safetensors"
+        save_file({"w" * (pad + 1): np.ones(2, np.float32)}, path)
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("no header length with low byte 0x80 found")
+    np.testing.assert_array_equal(read_state_dict(path)["w" * (pad + 1)], np.ones(2, np.float32))
+
+
 def test_safetensors_and_npz(tmp_path):
     from safetensors import safe_open
     from safetensors.numpy import save_file

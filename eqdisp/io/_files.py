@@ -39,10 +39,12 @@ def _format(path: pathlib.Path) -> Format:
                 return "torch"
             if all(n.endswith(".npy") for n in names):
                 return "npz"
-        elif head[:1] == b"\x80":  # a pickle (protocol >= 2): torch's legacy format
-            return "torch"
+        # Safetensors before pickles: its u64 header length may start with the byte 0x80 too. A
+        # legacy torch file cannot pass this test (its byte 8 belongs to the magic number).
         elif len(head) == 9 and head[8:9] == b"{":  # u64 header length, then the JSON header
             return "safetensors"
+        elif head[:1] == b"\x80":  # a pickle (protocol >= 2): torch's legacy format
+            return "torch"
     except (OSError, zipfile.BadZipFile) as error:
         raise WeightsError(f"cannot read {path}: {_first_line(error)}") from None
     raise WeightsError(

@@ -85,6 +85,7 @@ def make_model(
         learn_sigma=config.learn_sigma,
         class_dropout_prob=config.class_dropout_prob,
         family=spec.family,
+        time_convention=config.time_convention,
         block_impl=implementation.block_impl,
         dtype=config.dtype,
         attention=implementation.attention,

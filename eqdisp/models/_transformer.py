@@ -211,6 +211,8 @@ class DiffusionTransformer(AbstractDiffusionModel):
     Patch embedding + fixed 2-D sin-cos positions, `c = t_emb + y_emb`, `depth` adaLN-Zero blocks,
     adaLN final layer, unpatchify. SiT and DiT differ only in what `__call__` returns when
     `learn_sigma`: SiT keeps the first `in_channels` output channels, DiT all `2 * in_channels`.
+    A network with REPA's weights (`time_convention="repa"`) is fed `1 - t` and its output is
+    negated, so it answers in SiT's convention like every eqdisp model.
 
     The blocks are one stacked `TransformerBlock` (leading `depth` axis on every array), run
     unrolled or under `lax.scan` (`block_impl`); both compute the same function. Which is faster
@@ -240,6 +242,7 @@ class DiffusionTransformer(AbstractDiffusionModel):
     block_impl: Literal["unroll", "scan"] = eqx.field(static=True)
     dtype: Literal["float32", "bfloat16"] = eqx.field(static=True)
     remat: Literal["none", "dots", "full"] = eqx.field(static=True)
+    time_convention: Literal["sit", "repa"] = eqx.field(static=True)
 
     def __init__(
         self,
@@ -259,6 +262,7 @@ class DiffusionTransformer(AbstractDiffusionModel):
         dtype: Literal["float32", "bfloat16"] = "float32",
         attention: Literal["einsum", "xla", "cudnn"] = "einsum",
         remat: Literal["none", "dots", "full"] = "none",
+        time_convention: Literal["sit", "repa"] = "sit",
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -276,6 +280,8 @@ class DiffusionTransformer(AbstractDiffusionModel):
         - `remat`: what the backward pass recomputes in each block instead of storing:
             `"none"`; `"dots"` keeps the outputs of the linear layers and recomputes attention
             and the elementwise ops; `"full"` keeps only the block's input.
+        - `time_convention`: the convention the weights were trained in: `"sit"` (t = 1 data,
+            the library's) or `"repa"` (REPA: t = 1 noise, velocity noise - data); SiT only.
         - `key`: a PRNG key for the initialisation.
         """
         # Fail before allocating anything (an XL model is 2.7 GB).
@@ -299,6 +305,7 @@ class DiffusionTransformer(AbstractDiffusionModel):
         self.block_impl = block_impl
         self.dtype = dtype
         self.remat = remat
+        self.time_convention = time_convention
 
     def __check_init__(self):
         _check_architecture(
@@ -321,6 +328,15 @@ class DiffusionTransformer(AbstractDiffusionModel):
         if self.remat not in _REMAT_POLICIES:
             raise ValueError(
                 f"remat={self.remat!r} is not allowed: expected 'none', 'dots' or 'full'"
+            )
+        if self.time_convention not in ("sit", "repa"):
+            raise ValueError(
+                f"time_convention={self.time_convention!r} is not allowed: expected 'sit' or 'repa'"
+            )
+        if self.time_convention == "repa" and self.family != "SiT":
+            raise ValueError(
+                f"time_convention='repa' is not allowed for family={self.family!r}: expected 'SiT' "
+                "(DiT is fed integer steps, REPA a time in [0, 1])"
             )
 
     # -- sizes -------------------------------------------------------------------------------
@@ -448,7 +464,8 @@ class DiffusionTransformer(AbstractDiffusionModel):
         **Arguments:**
 
         - `x`: the noisy input `(in_channels, input_size, input_size)`.
-        - `t`: the time, used as given (SiT: `t` in [0, 1], t = 1 data; DiT: step 0..999).
+        - `t`: the time (SiT: `t` in [0, 1], t = 1 data; DiT: step 0..999). A `"repa"` network
+            is fed `1 - t` and its output negated, so it returns SiT's velocity at SiT's `t`.
         - `y`: the label; `num_classes` is the null label (unconditional).
         - `key`: pass a key in training to apply label dropout; `None` in evaluation.
         - `tap_blocks`: the 0-based blocks whose outputs to return, increasing; `None` for every
@@ -463,9 +480,13 @@ class DiffusionTransformer(AbstractDiffusionModel):
         model = self
         if self.dtype != "float32":
             model = _cast_floating(self, jnp.dtype(self.dtype))
+        # REPA trained with t = 1 noise and target noise - data (reference §6.2, pitfall 3): under
+        # t_REPA = 1 - t_SiT its velocity is minus SiT's, so it sees 1 - t and its output flips.
+        repa = self.time_convention == "repa"
         h = model.embed(x)
-        c = model.condition(t, y, key=key)
+        c = model.condition(1 - t if repa else t, y, key=key)
         h, blocks = model._run_blocks(h, c, tap_blocks)
         # Output in float32 whatever the compute dtype (the loss is accumulated in float32).
         out = model.unpatchify(model.final_layer(h, c).astype(jnp.float32))
+        out = -out if repa else out
         return out[: self.out_channels], Taps(blocks=blocks, c=c)
