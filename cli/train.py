@@ -16,11 +16,22 @@ import tyro
 from eqdisp.config import PRESETS
 
 
-def main(argv: list[str] | None = None) -> dict:
-    cfg = tyro.extras.overridable_config_cli(
-        PRESETS, prog="python -m cli.train", args=argv, description=__doc__
+def _parse(presets: dict, argv: list[str] | None):
+    return tyro.extras.overridable_config_cli(
+        presets, prog="python -m cli.train", args=argv, description=__doc__
     )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = _parse(PRESETS, argv)
+    from eqdisp.latents import fit_config_to_latents
     from eqdisp.train import train
+
+    if fit_config_to_latents(cfg) != cfg:
+        # Prepared latents: their manifest sets the model's input, channels and classes under
+        # the command line's own flags, which still win (and are checked against the shards).
+        fitted = {name: (doc, fit_config_to_latents(c, cfg.data)) for name, (doc, c) in PRESETS.items()}
+        cfg = _parse(fitted, argv)
 
     summary = train(cfg)
     print("\n".join(f"{key:>18}: {value}" for key, value in summary.items()))

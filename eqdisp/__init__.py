@@ -11,6 +11,10 @@ The public API is re-exported here; the modules behind it are:
 - ``eqdisp.train``: the train state, the compiled step, Orbax checkpoints and the loop.
 - ``eqdisp.data``, ``eqdisp.sharding``: Grain pipelines; device meshes and shardings.
 - ``eqdisp.config``: frozen configuration dataclasses and named presets.
+- ``eqdisp.vae``: the SD-VAE (diffusers ``AutoencoderKL``) that maps images to latents and back.
+- ``eqdisp.latents``: image folders to latent shards (``cli.prepare``) and decoding of samples.
+- ``eqdisp.convert``: released PyTorch SiT/DiT/REPA/Dispersive-Loss checkpoints to eqdisp.
+- ``eqdisp.io``: torch-free readers of ``.pth``/``.pt``/``.bin``, ``.safetensors`` and ``.npz``.
 """
 
 from .config import (
@@ -146,5 +150,21 @@ from .transport import (
 from .transport import (
     make_transport as make_transport,
 )
+
+from .convert import ConvertError as ConvertError
+from .convert import convert_checkpoint as convert_checkpoint
+from .convert import from_torch as from_torch
+from .io import WeightsError as WeightsError
+from .io import read_state_dict as read_state_dict
+from .io import read_torch as read_torch
+from .latents import LatentDecoder as LatentDecoder
+from .latents import latent_decoder as latent_decoder
+from .latents import prepare_latents as prepare_latents
+from .latents import read_manifest as read_manifest
+from .vae import AutoencoderKL as AutoencoderKL
+from .vae import VAEConfig as VAEConfig
+from .vae import decode_latents as decode_latents
+from .vae import encode_images as encode_images
+from .vae import load_vae as load_vae
 
 __version__ = "0.1.0"

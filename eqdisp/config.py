@@ -36,6 +36,7 @@ BlockImpl = Literal["auto", "unroll", "scan"]
 ComputeDtype = Literal["float32", "bfloat16"]
 AttentionImpl = Literal["auto", "einsum", "xla", "cudnn"]
 Remat = Literal["auto", "none", "dots", "full"]
+TimeConvention = Literal["sit", "repa"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ class ModelConfig:
     """Attention kernel: ``einsum`` (two einsums, float32 softmax), ``xla`` (``jax.nn.dot_product_attention``) or ``cudnn`` (its cuDNN flash attention: NVIDIA GPUs, ``dtype bfloat16``); ``auto``: cudnn where it applies (1.3x faster for SiT-B/2 on an H200), else einsum (the fastest measured on CPU)."""
     remat: Remat = "auto"
     """What the backward pass recomputes per block instead of storing: ``none``; ``dots`` (keep the linear layers' outputs, recompute attention and elementwise ops); ``full`` (keep only block inputs). ``auto``: ``dots`` on CPU (SiT-S/2 batch 32: 1.28x faster, the saved activations are what the CPU step waits for), ``none`` elsewhere."""
+    time_convention: TimeConvention = "sit"
+    """Time convention the weights were trained in: ``sit`` (t=1 data, the library's) or ``repa`` (REPA's released weights: t=1 noise, velocity noise - data; SiT names only). A ``repa`` network is fed 1-t and its output negated, so it returns SiT velocities like every eqdisp model."""
 
     def __post_init__(self):
         _check(self.input_size > 0, "model.input_size", self.input_size, "a positive int")
@@ -82,6 +85,13 @@ class ModelConfig:
             "model.attention",
             self.attention,
             "'auto', 'einsum' or 'xla' with dtype float32 (cuDNN flash attention needs bfloat16)",
+        )
+        _check_choice("model.time_convention", self.time_convention, get_args(TimeConvention))
+        _check(
+            self.time_convention == "sit" or not str(self.name).startswith("DiT-"),
+            "model.time_convention",
+            self.time_convention,
+            f"'sit' for model.name={self.name!r} (only SiT models take REPA's convention)",
         )
 
 
@@ -382,6 +392,9 @@ class DataConfig:
     """Random horizontal flips (DiT/SiT: yes; REPA: no)."""
     workers: int = 0
     """Grain worker processes (0 reads in the training process; keep it fixed across a resume)."""
+    vae: str | None = None
+    """SD-VAE weights that decode this run's latents (a diffusers directory or a weight file);
+    ``cli.sample`` decodes with it. Taken from the ``latents`` manifest when not given."""
 
     def __post_init__(self):
         _check_choice("data.source", self.source, get_args(DataSource))
@@ -419,6 +432,10 @@ class RunConfig:
     fsdp: int = 1
     """Devices along the mesh's ``fsdp`` axis (parameters and optimizer state sharded over it); the
     other devices form the ``data`` axis. 1 is pure data parallelism."""
+    init_from: str | None = None
+    """Start from the weights of this run directory, checkpoint directory, or converted released
+    checkpoint (``cli.convert``): the model and its EMA are copied, the optimizer starts fresh and
+    the step counter at 0. Ignored once the run has its own checkpoint (a resume continues it)."""
     resume_step: int | None = None
     """Resume from this checkpointed step instead of the newest readable one; newer checkpoints are
     moved to ``<out>/abandoned-checkpoints/``, never deleted."""

@@ -41,12 +41,19 @@ exactly one of
 - ``latents: float (n, C, H, W)``: already sampled **and already multiplied by 0.18215**, i.e. what
   the model sees (used as is).
 
+A ``moments`` shard may also hold ``moments_flipped``, the posterior of the mirrored image (what
+``cli.prepare --flip`` writes): then ``flip`` picks it for half of the reads instead of mirroring
+the latent, which is exactly DiT/SiT's "flip the image, then encode".
+
+A directory written by ``cli.prepare`` also holds ``manifest.json`` (`eqdisp.latents`): the
+source refuses a directory whose preparation has not finished.
+
 Float16 shards are accepted and read as float32. Compressed shards (``np.savez_compressed``) still
 work, but each process then holds the whole array of that shard in memory.
 
-Flipping latents: DiT/SiT flip the *image* before encoding; ``flip`` here mirrors the latent along
-its width, which is only an approximation of encoding the mirrored image (the SD-VAE is not exactly
-flip-equivariant). REPA uses no flip at all (its authors found the gap negligible); set
+Flipping latents without ``moments_flipped``: DiT/SiT flip the *image* before encoding; ``flip``
+then mirrors the latent along its width, which is only an approximation of encoding the mirrored
+image (the SD-VAE is not exactly flip-equivariant). REPA uses no flip at all (its authors found the gap negligible); set
 ``flip=False`` for REPA's pipeline.
 """
 
@@ -303,12 +310,21 @@ class _LatentSource:
 
     def __init__(self, path: str | None, shape: tuple[int, int, int], num_classes: int):
         root = _check_dir(path, "latents")
+        from .latents import read_manifest  # the manifest module reads this one's shards
+
+        manifest = read_manifest(root)
+        if manifest is not None and not manifest.complete:
+            raise DataError(
+                f"data.path={path}: its preparation has not finished ({manifest.describe()}); "
+                "rerun the same cli.prepare command to complete it"
+            )
         files = sorted(root.glob("*.npz"))
         if not files:
             raise DataError(f"data.path={path} has no *.npz latent shards")
         self.path, self.shape = str(path), shape
         self.files = [str(f) for f in files]
         self.keys: list[str] = []  # "moments" or "latents", per shard
+        self.flipped: list[_Member | None] = []  # "moments_flipped", per shard
         self.members: list[_Member] = []
         labels, counts = [], []
         where = f"data.path={path}: latent shard"
@@ -328,6 +344,13 @@ class _LatentSource:
                     raise
                 raise DataError(f"{where} {file.name} cannot be read: {_one_line(e)}") from None
             key, member = kinds[0], members[kinds[0]]
+            flipped = members.get("moments_flipped")
+            if flipped is not None and (key != "moments" or flipped.shape != member.shape):
+                raise DataError(
+                    f"{where} {file.name} has 'moments_flipped' of shape {tuple(flipped.shape)}: "
+                    f"expected it only beside 'moments', with the same shape "
+                    f"{tuple(member.shape)}"
+                )
             c, h, w = shape
             expect = (2 * c, h, w) if key == "moments" else shape
             if len(member.shape) != 4 or tuple(member.shape[1:]) != expect:
@@ -357,20 +380,22 @@ class _LatentSource:
                 )
             self.keys.append(key)
             self.members.append(member)
+            self.flipped.append(flipped)
             labels.append(y.astype(np.int32))
             counts.append(len(y))
         self.labels = np.concatenate(labels)
         self.starts = np.cumsum([0] + counts[:-1])  # (shard, row) of a record by searchsorted
-        self._arrays: dict[int, np.ndarray] = {}  # opened lazily, per process
+        self._arrays: dict[tuple[int, bool], np.ndarray] = {}  # opened lazily, per process
 
     def __getstate__(self):
         # Worker processes re-open the memory maps instead of receiving pickled array data.
         return {**self.__dict__, "_arrays": {}}
 
-    def _array(self, shard: int) -> np.ndarray:
-        array = self._arrays.get(shard)
+    def _array(self, shard: int, flipped: bool = False) -> np.ndarray:
+        array = self._arrays.get((shard, flipped))
         if array is None:
-            member = self.members[shard]
+            member = (self.flipped if flipped else self.members)[shard]
+            name = "moments_flipped" if flipped else self.keys[shard]
             if member.offset is not None:
                 array = np.memmap(
                     self.files[shard],
@@ -382,8 +407,8 @@ class _LatentSource:
                 )
             else:
                 with np.load(self.files[shard]) as npz:
-                    array = npz[self.keys[shard]]
-            self._arrays[shard] = array
+                    array = npz[name]
+            self._arrays[(shard, flipped)] = array
         return array
 
     def __len__(self) -> int:
@@ -392,12 +417,17 @@ class _LatentSource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         shard = int(np.searchsorted(self.starts, index, side="right")) - 1
         # A copy, not a view: nothing downstream should hold on to the memory map.
-        row = np.array(self._array(shard)[index - self.starts[shard]], dtype=np.float32)
+        i = index - self.starts[shard]
+        row = np.array(self._array(shard)[i], dtype=np.float32)
         y = self.labels[index]
         if self.keys[shard] == "latents":
             return {"x": row, "y": y}
         c = self.shape[0]
-        return {"mean": row[:c], "std": row[c:], "y": y}
+        record = {"mean": row[:c], "std": row[c:], "y": y}
+        if self.flipped[shard] is not None:
+            row = np.array(self._array(shard, flipped=True)[i], dtype=np.float32)
+            record |= {"mean_flipped": row[:c], "std_flipped": row[c:]}
+        return record
 
     def __repr__(self) -> str:
         return f"LatentShardSource(path={self.path!r}, shards={len(self.files)}, n={len(self)})"
@@ -409,6 +439,7 @@ def write_latent_shard(
     moments: Float[np.ndarray, "n c2 h w"] | None = None,
     latents: Float[np.ndarray, "n c h w"] | None = None,
     labels: Int[np.ndarray, " n"],
+    moments_flipped: Float[np.ndarray, "n c2 h w"] | None = None,
 ) -> None:
     """Write one shard of a ``latents`` source (layout in the module docstring).
 
@@ -421,6 +452,7 @@ def write_latent_shard(
     - `moments`: ``[mean ‖ std]`` of the VAE posterior, unscaled (REPA's layout).
     - `latents`: sampled latents already multiplied by 0.18215. Give exactly one of the two.
     - `labels`: the class of every record.
+    - `moments_flipped`: with `moments`, the posterior of each mirrored image (read for flips).
     """
     if (moments is None) == (latents is None):
         raise DataError(f"write_latent_shard({path}): give exactly one of moments= and latents=")
@@ -429,7 +461,13 @@ def write_latent_shard(
             f"write_latent_shard({path}): moments have {moments.shape[1]} channels, expected an "
             "even number ([mean ‖ std])"
         )
+    if moments_flipped is not None and (moments is None or moments_flipped.shape != moments.shape):
+        raise DataError(
+            f"write_latent_shard({path}): moments_flipped needs moments of the same shape"
+        )
     arrays = {"moments": moments} if moments is not None else {"latents": latents}
+    if moments_flipped is not None:
+        arrays["moments_flipped"] = moments_flipped
     if len(labels) != len(next(iter(arrays.values()))):
         raise DataError(
             f"write_latent_shard({path}): {len(labels)} labels for a different number of records"
@@ -454,6 +492,9 @@ class _Augment:
 
     def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         flip = self.flip and rng.random() < 0.5
+        if flip and "mean_flipped" in record:  # the mirrored image's own posterior
+            flip = False
+            record = {**record, "mean": record["mean_flipped"], "std": record["std_flipped"]}
         if "mean" in record:
             eps = rng.standard_normal(record["mean"].shape, dtype=np.float32)
             x = (record["mean"] + record["std"] * eps) * np.float32(LATENT_SCALE)

@@ -384,12 +384,44 @@ def test_latents_read_as_stored_and_flipped(D, tmp_path):
     assert 40 < flips < 80  # p = 0.5 over 120 draws: 3.7 sigma either side
 
 
+def test_flips_read_the_mirrored_images_own_posterior(D, tmp_path):
+    """With ``moments_flipped`` (``cli.prepare --flip``) a flip picks the mirrored image's
+    posterior, never a mirrored latent; without ``flip`` only the original posterior is read."""
+    root = tmp_path / "lat"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    n = 8
+    mean, mean_flipped = rng.normal(size=(2, n, 2, 4, 4)).astype(np.float32)
+    zero = np.zeros_like(mean)  # std 0: a read gives mean * 0.18215 exactly
+    D.write_latent_shard(
+        root / "a.npz",
+        moments=np.concatenate([mean, zero], 1),
+        moments_flipped=np.concatenate([mean_flipped, zero], 1),
+        labels=np.arange(n),
+    )
+    counts = {}
+    for flip in (True, False):
+        cfg = _cfg(source="latents", path=str(root), flip=flip)
+        ds = D.make_dataset(cfg, batch_size=n, seed=0, shape=(2, 4, 4), num_classes=n)
+        counts[flip] = 0
+        for b in _take(ds, 15):
+            for x, y in zip(b["x"], b["y"]):
+                if np.array_equal(x, mean[y] * np.float32(SCALE)):
+                    continue
+                np.testing.assert_array_equal(x, mean_flipped[y] * np.float32(SCALE))
+                counts[flip] += 1
+    assert counts[False] == 0
+    assert 40 < counts[True] < 80  # p = 0.5 over 120 draws
+    with pytest.raises(D.DataError, match="moments_flipped needs moments of the same shape"):
+        D.write_latent_shard(root / "b.npz", latents=mean, moments_flipped=mean, labels=np.arange(n))
+
+
 def test_latent_source_memory_maps(D, tmp_path):
     root, _ = _write_index_shards(D, tmp_path / "lat")
     src = D._LatentSource(str(root), (1, 2, 2), 3)
     assert all(m.offset is not None for m in src.members)
     src[20]
-    assert isinstance(src._arrays[2], np.memmap)
+    assert isinstance(src._arrays[(2, False)], np.memmap)
     import pickle
 
     assert pickle.loads(pickle.dumps(src))._arrays == {}  # workers re-open the maps

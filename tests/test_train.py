@@ -54,6 +54,47 @@ def test_resume_is_bit_exact(tmp_path):
     assert [l["loss"] for l in lines] == [l["loss"] for l in whole_lines]
 
 
+def test_init_from_copies_weights_and_ema_starts_fresh_and_resumes_exactly(tmp_path, capsys):
+    source = tmp_path / "source"
+    eqdisp.train(_tiny(source, steps=3))
+    src = eqdisp.load_checkpoint(source)
+
+    # The state a run starts from: the source's weights and EMA, a fresh optimizer, step 0.
+    from eqdisp.train._loop import _init_from
+
+    cfg = _tiny(tmp_path / "new", init_from=str(source))
+    from eqdisp.models import make_model
+    from eqdisp.train._step import init_train_state, make_optimizer
+
+    model = make_model(cfg.model, key=jax.random.key(1))
+    fresh = init_train_state(model, make_optimizer(cfg.optim), key=jax.random.key(2))
+    started = _init_from(fresh, cfg, announce=True)
+    assert "initialised the weights and their EMA from" in capsys.readouterr().out
+    assert int(started.step) == 0
+    for ours, theirs in ((started.model, src.state.model), (started.ema, src.state.ema)):
+        a, b = jax.tree.leaves(eqx_filter(ours)), jax.tree.leaves(eqx_filter(theirs))
+        assert all(bool(jnp.array_equal(x, y)) for x, y in zip(a, b, strict=True))
+    assert all(not jnp.any(m) for m in jax.tree.leaves(eqx_filter(started.opt_state)))
+
+    # Fine-tuning resumes bit-exactly: 4 steps then 2 more equals 6 in one go.
+    eqdisp.train(_tiny(tmp_path / "whole", init_from=str(source)))
+    eqdisp.train(_tiny(tmp_path / "split", steps=4, init_from=str(source)))
+    eqdisp.train(_tiny(tmp_path / "split", init_from=str(source)))
+    _, whole = _params(tmp_path / "whole")
+    _, split = _params(tmp_path / "split")
+    assert all(bool(jnp.array_equal(x, y)) for x, y in zip(whole, split, strict=True))
+
+    other = dataclasses.replace(
+        _tiny(tmp_path / "other", init_from=str(source)),
+        model=dataclasses.replace(_tiny(tmp_path).model, learn_sigma=True),
+    )
+    with pytest.raises(ConfigError, match=r"train.init_from=.*model.learn_sigma=True there False"):
+        eqdisp.train(other)
+    assert not (tmp_path / "other").exists()
+    with pytest.raises(eqdisp.CheckpointError, match="no such run directory"):
+        eqdisp.train(_tiny(tmp_path / "other", init_from=str(tmp_path / "nowhere")))
+
+
 def test_resume_refuses_a_different_experiment(tmp_path):
     eqdisp.train(_tiny(tmp_path, steps=1))
     changed = dataclasses.replace(_tiny(tmp_path), optim=OptimConfig(lr=3e-4))

@@ -222,7 +222,10 @@ def generate(
         "seed": seed,
         "sampler": dataclasses.asdict(sampler),
         "labels": "uniform" if labels is None else hashlib.sha256(labels.tobytes()).hexdigest(),
-        "decoder": None if decoder is None else getattr(decoder, "__qualname__", type(decoder).__name__),
+        "decoder": None
+        if decoder is None
+        else getattr(decoder, "identity", None)
+        or getattr(decoder, "__qualname__", type(decoder).__name__),
         **_run_identity(ckpt, use_ema),
     }
     identity["sampler"]["cfg_interval"] = list(sampler.cfg_interval)

@@ -24,18 +24,21 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+from jaxtyping import PyTree
 
 from ..config import ConfigError, ExperimentConfig
 from ..data import make_dataset
 from ..images import save_grid
+from ..latents import latent_decoder, run_vae
 from ..models import make_model
 from ..objective import describe_sampler, draw_samples, make_objective, sampler_evaluations
 from ..sharding import global_batch, initialize_distributed, make_mesh, shard_state
-from ._checkpoint import CheckpointError, Checkpointer, _one_line, config_to_dict
+from ._checkpoint import Checkpointer, CheckpointError, _one_line, config_to_dict, load_checkpoint
 from ._step import TrainState, init_train_state, make_optimizer, make_train_step
 
 RESUMABLE_CHANGES: dict[str, tuple[str, ...] | None] = {
     "sampler": None,  # every field: sampling reads the weights, it does not change them
+    "data": ("vae",),  # decodes samples; the latents are read as they are
     "train": (
         "out",
         "steps",
@@ -46,6 +49,7 @@ RESUMABLE_CHANGES: dict[str, tuple[str, ...] | None] = {
         "checkpoint_every",
         "keep",
         "resume_step",
+        "init_from",
     ),
 }
 """The options that may change when a run resumes (None: the whole section); every other field
@@ -211,6 +215,46 @@ def _resume(
     )
 
 
+# What must agree between a run and the weights it starts from; the rest (compute dtype, block
+# and attention implementations, label dropout) does not change the parameters' meaning.
+_ARCHITECTURE = ("name", "input_size", "in_channels", "num_classes", "learn_sigma", "time_convention")
+
+
+def _init_from(state: TrainState, cfg: ExperimentConfig, *, announce: bool) -> TrainState:
+    """`state` with the model and EMA weights of the run or checkpoint ``train.init_from``; the
+    optimizer state stays fresh and the step at 0 (fine-tuning, not resuming)."""
+    source = load_checkpoint(cfg.train.init_from)
+    where = f"train.init_from={cfg.train.init_from}"
+    differ = [
+        f"model.{name}={getattr(cfg.model, name)!r} there {getattr(source.config.model, name)!r}"
+        for name in _ARCHITECTURE
+        if getattr(cfg.model, name) != getattr(source.config.model, name)
+    ]
+    if differ:
+        raise ConfigError(f"{where}: its model differs from this run's: {'; '.join(differ)}")
+
+    def weights_into(target: PyTree, weights: PyTree) -> PyTree:
+        arrays, rest = eqx.partition(target, eqx.is_array)
+        leaves, treedef = jax.tree.flatten(arrays)
+        theirs = jax.tree.leaves(eqx.filter(weights, eqx.is_array))
+        if len(theirs) != len(leaves) or any(a.shape != b.shape for a, b in zip(leaves, theirs)):
+            raise ConfigError(f"{where}: its arrays do not fit {cfg.model.name}")
+        return eqx.combine(jax.tree.unflatten(treedef, theirs), rest)
+
+    state = eqx.tree_at(
+        lambda s: (s.model, s.ema),
+        state,
+        (weights_into(state.model, source.state.model), weights_into(state.ema, source.state.ema)),
+    )
+    if announce:
+        print(
+            f"initialised the weights and their EMA from {cfg.train.init_from} (its step "
+            f"{source.step}); optimizer fresh, starting at step 0",
+            flush=True,
+        )
+    return state
+
+
 def _set_aside(directory: pathlib.Path, steps: list[int], out: pathlib.Path) -> None:
     """Move the checkpoints after the resumed step out of orbax's way (the run will write them
     again), keeping them for the user to inspect or delete."""
@@ -259,12 +303,20 @@ def _write_samples(
     as a timed network evaluation says fit, and no batch more once the batches drawn say the
     rest would not. Returns the number of images written (0 if a signal arrived first)."""
     run, sampler = cfg.train, cfg.sampler
+    main_process = jax.process_index() == 0
+    decoder = None
+    if cfg.data.source == "latents":
+        vae = run_vae(cfg)
+        if vae is None:
+            if main_process:
+                print("sample grid: skipped, since data.vae names no VAE to decode latents", flush=True)
+            return 0
+        decoder = eqx.filter_jit(latent_decoder(vae))
     count, chunk = run.sample_count, min(run.sample_count, 8)
     y = jnp.arange(count, dtype=jnp.int32) % cfg.model.num_classes
     shape = (count, cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
     key_noise, key_sde = jr.split(jr.key(run.seed + 1))  # the same noise at every grid
     x_init = jr.normal(key_noise, shape)
-    main_process = jax.process_index() == 0
     model = state.ema_model
     per_image = _seconds_per_image(model, cfg, objective, x_init[:chunk], y[:chunk])
     if per_image is not None and count * per_image > run.sample_seconds:
@@ -295,6 +347,8 @@ def _write_samples(
             xs = jnp.concatenate([xs, jnp.zeros((pad, *xs.shape[1:]), xs.dtype)])
             ys = jnp.concatenate([ys, jnp.zeros((pad,), ys.dtype)])
         images = _sample_chunk(model, xs, ys, jr.fold_in(key_sde, first), objective, sampler)
+        if decoder is not None:
+            images = decoder(images)
         parts.append(np.asarray(images)[: chunk - pad])
         done = sum(len(p) for p in parts)
         elapsed = time.perf_counter() - start
@@ -377,10 +431,12 @@ def train(cfg: ExperimentConfig) -> dict:
     objective = make_objective(cfg)
     optimizer = make_optimizer(cfg.optim)
     state = init_train_state(make_model(cfg.model, key=key_model), optimizer, key=key_train)
-    state = shard_state(state, mesh)
-
     directory = out / "checkpoints"
     steps = _committed_steps(directory)
+    if run.init_from is not None and not steps:
+        state = _init_from(state, cfg, announce=main_process)
+    state = shard_state(state, mesh)
+
     start_step = 0
     if steps:
         start_step, restored = _resume(directory, steps, cfg, state, data_iter, main_process)
