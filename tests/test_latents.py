@@ -197,11 +197,28 @@ def test_a_killed_prepare_resumes_without_duplicates_then_trains_and_samples(fol
 
     sample = subprocess.run(
         [
-            sys.executable, "-m", "cli.sample", str(run), "--num", "3", "--batch-size", "2",
+            sys.executable, "-m", "cli.sample", str(run), "--num", "8", "--batch-size", "4",
             "--steps", "3", "--out", str(tmp_path / "s.npz"),
         ],
         env=_env(), capture_output=True, text=True, timeout=600,
     )
     assert sample.returncode == 0, sample.stderr[-2000:]
     with np.load(tmp_path / "s.npz") as npz:
-        assert npz["arr_0"].shape == (3, 32, 32, 3) and npz["arr_0"].dtype == np.uint8
+        assert npz["arr_0"].shape == (8, 32, 32, 3) and npz["arr_0"].dtype == np.uint8
+
+    # ... and FID against the image folder, with an Inception of random weights (the chain, not
+    # the number, is under test: the real weights are a file the user brings).
+    from eqdisp.eval import InceptionV3FID, model_to_state_dict
+
+    weights = tmp_path / "inception.npz"
+    np.savez(weights, **model_to_state_dict(InceptionV3FID(key=jax.random.key(0))))
+    evaluate = subprocess.run(
+        [
+            sys.executable, "-m", "cli.evaluate", str(tmp_path / "s.npz"), "--ref", str(folder),
+            "--features", "inception", "--inception-weights", str(weights), "--no-cache",
+        ],
+        env=_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert evaluate.returncode == 0, evaluate.stderr[-2000:]
+    metrics = json.loads((tmp_path / "s.metrics.json").read_text())
+    assert np.isfinite(metrics["fid"]) and metrics["fid"] > 0, metrics
