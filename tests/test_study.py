@@ -41,7 +41,7 @@ def test_t_quantiles_and_the_paired_interval_match_known_answers():
 
 def test_arms_are_cli_train_options_checked_before_anything_runs(tmp_path):
     from analysis import AnalysisError
-    from analysis.study import STUDIES, Arm, Study, run_study
+    from analysis.study import STUDIES, Arm, Protocol, Study, run_study
 
     for study in STUDIES.values():  # every built-in arm parses
         for arm in study.arms:
@@ -54,6 +54,10 @@ def test_arms_are_cli_train_options_checked_before_anything_runs(tmp_path):
     restricted = table2.config(table2.arms[-1], 0, tmp_path).disp
     assert (restricted.variant, restricted.contrastive) == ("covariance", "restricted")
 
+    short = Study("short", "", table2.arms[:2], Protocol(steps=50))
+    with pytest.raises(AnalysisError, match="steps=50 is not allowed with sit-tiny's 100 warm-up steps"):
+        short.config(short.arms[1], 0, tmp_path)
+    assert table2.config(table2.arms[1], 0, tmp_path).optim.decay_steps == table2.protocol.steps
     bad = Study("bad", "", (Arm("base", ("--disp.variant", "none")), Arm("typo", ("--disp.wieght", "1"))))
     with pytest.raises(AnalysisError, match=r"arm 'typo': '--disp.wieght 1' are not valid cli.train options"):
         run_study(bad, tmp_path / "bad")
@@ -63,9 +67,10 @@ def test_arms_are_cli_train_options_checked_before_anything_runs(tmp_path):
 _STUDY = """
 import sys
 from analysis.study import Arm, Protocol, Study, run_study
+CONSTANT = ("--optim.schedule", "constant")  # 3 steps: shorter than the preset's cosine warm-up
 study = Study(
     "pairing", "weight 0 vs none",
-    (Arm("none", ("--disp.variant", "none")), Arm("weight0", ("--disp.weight", "0"))),
+    (Arm("none", ("--disp.variant", "none") + CONSTANT), Arm("weight0", ("--disp.weight", "0") + CONSTANT)),
     Protocol(steps=3, seeds=1, samples=16, sampler_steps=3, examples=32),
 )
 run_study(study, sys.argv[1])
@@ -93,9 +98,10 @@ def test_a_killed_study_resumes_and_paired_arms_differ_only_in_the_regulariser(t
     assert first.exists(), proc.stderr.read()[-2000:]
     stamp = first.stat().st_mtime_ns
 
+    constant = ("--optim.schedule", "constant")
     study = Study(
         "pairing", "weight 0 vs none",
-        (Arm("none", ("--disp.variant", "none")), Arm("weight0", ("--disp.weight", "0"))),
+        (Arm("none", ("--disp.variant", "none") + constant), Arm("weight0", ("--disp.weight", "0") + constant)),
         Protocol(steps=3, seeds=1, samples=16, sampler_steps=3, examples=32),
     )
     results = run_study(study, out, progress=False)

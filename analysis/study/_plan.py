@@ -34,8 +34,8 @@ class Protocol:
     preset: str = "sit-tiny"
     """The `cli.train` preset every arm starts from (sit-tiny: SiT-T/2 on the bundled digits)."""
     steps: int = 1500
-    """Training steps of every arm (the preset's schedule is rescaled to them by the preset's
-    own options: with a cosine schedule its decay ends at the last step)."""
+    """Training steps of every arm; a cosine learning-rate schedule is set to end at the last
+    step (``optim.decay_steps = steps``), so a shorter budget still anneals."""
     seeds: int = 5
     """Paired seeds: seed s fixes the initial weights, the data order and every noise draw."""
     samples: int = 1000
@@ -100,13 +100,21 @@ def arm_config(protocol: Protocol, arm: Arm, seed: int, out: pathlib.Path) -> Ex
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
-            return tyro.extras.overridable_config_cli(PRESETS, args=flags, prog="cli.study")
+            cfg = tyro.extras.overridable_config_cli(PRESETS, args=flags, prog="cli.study")
     except SystemExit:
         reason = next((l.strip("│ ").strip() for l in stderr.getvalue().splitlines() if "rror" in l or "nrecognized" in l), "")
         raise AnalysisError(
             f"arm {arm.name!r}: {' '.join(arm.flags)!r} are not valid cli.train options"
             + (f" ({reason})" if reason else "")
         ) from None
+    if cfg.optim.schedule == "cosine" and cfg.optim.decay_steps != protocol.steps:
+        if protocol.steps <= cfg.optim.warmup_steps:
+            raise AnalysisError(
+                f"steps={protocol.steps} is not allowed with {protocol.preset}'s "
+                f"{cfg.optim.warmup_steps} warm-up steps: expected more"
+            )
+        cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, decay_steps=protocol.steps))
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------
