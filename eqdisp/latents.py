@@ -68,7 +68,7 @@ class LatentManifest:
     latent_channels: int
     """Channels of a latent (4 for the SD-VAE)."""
     latent_size: int
-    """Side of a latent (resolution / 8)."""
+    """Side of a latent (resolution / the VAE's downsampling factor, 8 for the SD-VAE)."""
     classes: tuple[str, ...]
     """Class folder names; label ``i`` is ``classes[i]``."""
     count: int
@@ -209,7 +209,7 @@ def prepare_latents(
     - `src`: the folder, ``src/<class>/<image>``; labels are the sorted class indices.
     - `out`: the output directory (created; a rerun of the same call resumes it).
     - `vae`: the SD-VAE weights (`eqdisp.vae.load_vae`: a diffusers directory or a weight file).
-    - `resolution`: side of the ADM centre crop; a multiple of 8.
+    - `resolution`: side of the ADM centre crop; a multiple of the VAE's downsampling factor (8).
     - `flip`: also store the posterior of each mirrored image (flipped before encoding, as
       DiT/SiT do), which training then picks for half of the reads.
     - `batch_size`: images per compiled call, split over this process's devices (rounded up to a
