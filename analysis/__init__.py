@@ -2,12 +2,14 @@
 
 - Pure, jitted reductions of block representations (`Taps.blocks`): `block_norms`,
   `pairwise_distance_quantiles`, `singular_values`, `effective_rank`, `uniformity`,
-  `dispersive_values`.
-- Host-side linear probes (scikit-learn): `probe_accuracy`.
+  `dispersive_values`; split into same-class and different-class pairs by the examples' labels:
+  `class_distance_means`, `class_distance_quantiles`, `class_uniformity`.
+- Host-side linear probes (scikit-learn): `probe_accuracy`, on the blocks of the model fed the
+  null label by default (`Options.probe_labels`).
 - Collection over runs and a t grid on identical inputs: `analyze_runs` (latest checkpoints,
   overlaid) and `analyze_dynamics` (every checkpoint of a run), configured by `Options`.
 - Figure builders returning plotly figures: `metric_vs_t`, `metric_vs_block`, `distance_boxes`,
-  `singular_spectrum`, `metric_vs_step`.
+  `singular_spectrum`, `metric_vs_step`, `class_pairs_vs_t`.
 - Writers: `write_analysis` (HTML + JSON + CSV per analysis, or one `report` page), `write_html`.
 
 Times follow SiT: t = 0 is pure noise, t = 1 is clean data. Blocks are numbered from 1.
@@ -21,6 +23,12 @@ from ._collect import (
 )
 from ._collect import (
     Inputs as Inputs,
+)
+from ._collect import (
+    PROBE_LABELS as PROBE_LABELS,
+)
+from ._collect import (
+    PROBE_NOTES as PROBE_NOTES,
 )
 from ._collect import (
     Options as Options,
@@ -54,6 +62,9 @@ from ._collect import (
 )
 from ._errors import AnalysisError as AnalysisError
 from ._figures import (
+    class_pairs_vs_t as class_pairs_vs_t,
+)
+from ._figures import (
     distance_boxes as distance_boxes,
 )
 from ._figures import (
@@ -72,10 +83,22 @@ from ._metrics import (
     DISPERSIVE_VARIANTS as DISPERSIVE_VARIANTS,
 )
 from ._metrics import (
+    PAIR_KINDS as PAIR_KINDS,
+)
+from ._metrics import (
     QUANTILE_LEVELS as QUANTILE_LEVELS,
 )
 from ._metrics import (
     block_norms as block_norms,
+)
+from ._metrics import (
+    class_distance_means as class_distance_means,
+)
+from ._metrics import (
+    class_distance_quantiles as class_distance_quantiles,
+)
+from ._metrics import (
+    class_uniformity as class_uniformity,
 )
 from ._metrics import (
     dispersive_values as dispersive_values,

@@ -12,6 +12,14 @@ probes) leave it. The spectra need all examples of a block at once, so their pea
 as `examples x blocks x tokens x dim` float32 per time (two to three such arrays: the batches'
 outputs, their concatenation, the reduction's working copies); bound it with `blocks` and
 `examples`. The forward returns only the analysed blocks (`tap_blocks`).
+
+Labels: the norms and spectra see the model fed the true class, as in training (`unconditional`:
+the null label). The probes see the model fed the label `probe_labels` says, by default the null
+label (index `num_classes`, the classifier-free-guidance label): given the true label, a
+class-conditional model's blocks carry the class from the conditioning, and a probe would read it
+rather than infer it from `x_t`. The null label means something only for a model trained with
+label dropout (`model.class_dropout_prob > 0`); for one trained without, the null-label probes are
+skipped and the result says why (`RunMetrics.probe_note`).
 """
 
 import dataclasses
@@ -35,6 +43,9 @@ from ._errors import AnalysisError
 from ._metrics import (
     DISPERSIVE_VARIANTS,
     block_norms,
+    class_distance_means,
+    class_distance_quantiles,
+    class_uniformity,
     dispersive_values,
     effective_rank,
     pairwise_distance_quantiles,
@@ -47,6 +58,24 @@ DATA_SOURCES: tuple[str, ...] = ("config", "digits", "synthetic", "folder", "lat
 """`Options.data`: ``config`` uses each run's own data configuration (without flips)."""
 
 ANALYSES: tuple[str, ...] = ("norms", "spectra", "probes")
+
+PROBE_LABELS: tuple[str, ...] = ("null", "true")
+"""`Options.probe_labels`: the label fed to the model for the probes' features."""
+
+PROBE_NOTES: dict[str, str] = {
+    "null": "probed with the null label: the model saw no class",
+    "true": (
+        "probed with the true label: the model was given the class, so its blocks carry it from "
+        "the conditioning and accuracies near 1.0 say nothing about the representation"
+    ),
+    "untrained": (
+        "not meaningful: the run was trained with model.class_dropout_prob=0, so its null label "
+        "was never trained, and with the true label the blocks carry the class from the "
+        "conditioning (accuracies near 1.0); no probe was run (--probe-labels true forces one)"
+    ),
+}
+"""`RunMetrics.probe_note` for each case: null-label probes, true-label probes, and null-label
+probes asked of a run trained without label dropout (skipped)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,8 +105,14 @@ class Options:
     folds: int = 5
     """Cross-validation folds of the linear probes."""
     unconditional: bool = False
-    """Feed the models the null label instead of the class: a class-conditional model's blocks
-    carry the label from the conditioning, so probes of them read it rather than infer it."""
+    """Feed the models the null label instead of the class for the norms and spectra (the probes'
+    label is `probe_labels`); needs a run trained with ``model.class_dropout_prob > 0``."""
+    probe_labels: str = "null"
+    """Label fed to the model for the linear probes: ``null`` (the classifier-free-guidance label,
+    index num_classes: the model sees no class, so a probe must infer it from x_t; meaningful only
+    for a run trained with ``model.class_dropout_prob > 0``, else the probes are skipped with a
+    warning) or ``true`` (the class itself: the blocks carry it from the conditioning, so
+    accuracies near 1.0 are expected)."""
     progress: bool = True
     """Show a progress bar on stderr."""
 
@@ -104,6 +139,11 @@ class Options:
         ):
             raise AnalysisError(
                 f"group_size={self.group_size} must be at least 2 and divide examples={self.examples}"
+            )
+        if self.probe_labels not in PROBE_LABELS:
+            raise AnalysisError(
+                f"probe_labels={self.probe_labels!r} is not allowed: expected one of "
+                + ", ".join(PROBE_LABELS)
             )
         if self.folds < 2:
             raise AnalysisError(f"folds={self.folds} is not allowed: expected at least 2")
@@ -316,6 +356,31 @@ def _reduce(
     return out
 
 
+@jax.jit
+def _reduce_classes(z: Float[Array, "n k tokens dim"], labels: Int[Array, " n"]):
+    """The same-class / different-class split of the distances and the uniformity at one time,
+    for every selected block. Kept out of `_reduce`, so the metrics there compile as before."""
+    zb = jnp.moveaxis(z, 1, 0)  # (k, n, tokens, dim)
+    means = jax.vmap(class_distance_means, in_axes=(0, None))(zb, labels)
+    quantiles = jax.vmap(class_distance_quantiles, in_axes=(0, None))(zb, labels)
+    unif = jax.vmap(class_uniformity, in_axes=(0, None))(zb, labels)
+    return {
+        "dist_same": means[:, 0],
+        "dist_diff": means[:, 1],
+        "dist_ratio": means[:, 1] / means[:, 0],
+        "dist_quantiles_same": quantiles[:, 0],
+        "dist_quantiles_diff": quantiles[:, 1],
+        "uniformity_same": unif[:, 0],
+        "uniformity_diff": unif[:, 1],
+    }
+
+
+def _has_both_pair_kinds(labels: np.ndarray) -> bool:
+    """Whether the examples hold a same-class pair and a different-class pair."""
+    counts = np.unique(labels, return_counts=True)[1]
+    return bool(counts.size >= 2 and counts.max() >= 2)
+
+
 @dataclasses.dataclass(frozen=True)
 class RunMetrics:
     """The metrics of one checkpoint, as NumPy arrays indexed `[time, block, ...]`.
@@ -324,6 +389,13 @@ class RunMetrics:
     / per flattened example), ``dist_quantiles`` (`[t, block, QUANTILE_LEVELS]`, squared distances /
     D), ``singular_values`` (`[t, block, examples]`, centred), ``effective_rank``, ``uniformity``,
     ``disp_<variant>`` for each of `DISPERSIVE_VARIANTS`, ``probe_accuracy`` and ``probe_std``.
+
+    With the spectra, when the examples hold a same-class and a different-class pair, their split
+    by the examples' data labels, over all pairs i < j of the examples (not the loss's groups):
+    ``dist_same`` / ``dist_diff`` (mean `||z_i - z_j||^2 / D` over same-class / different-class
+    pairs), ``dist_ratio`` (``dist_diff / dist_same``; 1 where the block ignores the class),
+    ``dist_quantiles_same`` / ``dist_quantiles_diff`` (`[t, block, QUANTILE_LEVELS]`) and
+    ``uniformity_same`` / ``uniformity_diff`` (``uniformity`` over those pairs only).
     """
 
     name: str
@@ -337,6 +409,14 @@ class RunMetrics:
     values: dict[str, np.ndarray]
     chance: float | None = None
     """Accuracy of always guessing the most frequent class (the probes' floor)."""
+    probe_labels: str | None = None
+    """The probes' `Options.probe_labels` (None: probes not asked for)."""
+    probe_meaningful: bool | None = None
+    """Whether the probe accuracies measure the representation: True for null-label probes of a
+    run trained with label dropout; False for true-label probes, and for null-label probes asked
+    of a run trained without dropout (then skipped: no ``probe_accuracy``). None: not asked for."""
+    probe_note: str | None = None
+    """What the probes' model saw, or why they were skipped (a value of `PROBE_NOTES`)."""
 
     def to_dict(self) -> dict:
         """A JSON-able dict (arrays become nested lists)."""
@@ -386,23 +466,30 @@ def collect(
     bs = min(options.batch_size, n)
     pad = (-n) % bs  # pad the last batch (repeating examples) so every batch has one shape
     take = jnp.concatenate([jnp.arange(n), jnp.arange(pad) % n])
-    x0, x1, y = inputs.x0[take], inputs.x1[take], inputs.y[take]
-    if options.unconditional:
-        if run.config.model.class_dropout_prob == 0:
-            raise AnalysisError(
-                f"--unconditional is not allowed for {run.path}: it was trained with "
-                "model.class_dropout_prob=0, so its null label was never trained"
-            )
-        y = jnp.full_like(y, run.config.model.num_classes)  # the null label
+    x0, x1, y_true = inputs.x0[take], inputs.x1[take], inputs.y[take]
+    trained_null = run.config.model.class_dropout_prob > 0
+    y_null = jnp.full_like(y_true, run.config.model.num_classes)  # the null label
+    if options.unconditional and not trained_null:
+        raise AnalysisError(
+            f"--unconditional is not allowed for {run.path}: it was trained with "
+            "model.class_dropout_prob=0, so its null label was never trained"
+        )
+    y = y_null if options.unconditional else y_true
     spectra, probes = "spectra" in analyses, "probes" in analyses
+    probe_labels = probe_meaningful = probe_note = None
     if probes:
         check_probe_labels(np.asarray(inputs.y), options.folds)
+        probe_labels = options.probe_labels
+        if probe_labels == "null" and not trained_null:
+            probes, probe_meaningful, probe_note = False, False, PROBE_NOTES["untrained"]
+        else:
+            probe_meaningful, probe_note = probe_labels == "null", PROBE_NOTES[probe_labels]
+    # The probes reuse the metrics' forward when both feed the same label, else run their own.
+    probe_own_forward = probes and options.unconditional != (probe_labels == "null")
+    y_probe = y_null if probe_labels == "null" else y_true
 
-    labels = np.asarray(inputs.y)
-    per_t: list[dict] = []
-    for t in options.t:
-        tt = jnp.asarray(model_time(objective, t), jnp.float32)
-        z = jnp.concatenate(
+    def forward(y, tt):
+        return jnp.concatenate(
             [
                 _forward_blocks(
                     model, objective, x0[i : i + bs], x1[i : i + bs], y[i : i + bs], tt, tap_blocks
@@ -410,10 +497,22 @@ def collect(
                 for i in range(0, n + pad, bs)
             ]
         )[:n]
+
+    labels = np.asarray(inputs.y)
+    split = spectra and _has_both_pair_kinds(labels)
+    per_t: list[dict] = []
+    for t in options.t:
+        tt = jnp.asarray(model_time(objective, t), jnp.float32)
+        z = forward(y, tt)
         reduced = jax.device_get(
             _reduce(z, spectra=spectra, tau=options.tau, group_size=options.group_size)
         )
+        if split:
+            reduced |= jax.device_get(_reduce_classes(z, inputs.y))
         if probes:
+            if probe_own_forward:
+                del z
+                z = forward(y_probe, tt)
             pooled = np.asarray(jnp.mean(z, axis=2))  # (n, blocks, dim): mean over tokens
             scores = [
                 probe_accuracy(pooled[:, j], labels, folds=options.folds, seed=options.seed)
@@ -440,6 +539,9 @@ def collect(
         blocks=blocks,
         values=values,
         chance=chance,
+        probe_labels=probe_labels,
+        probe_meaningful=probe_meaningful,
+        probe_note=probe_note,
     )
 
 
@@ -534,6 +636,8 @@ __all__ = [
     "DATA_SOURCES",
     "Inputs",
     "Options",
+    "PROBE_LABELS",
+    "PROBE_NOTES",
     "Progress",
     "Run",
     "RunMetrics",

@@ -27,9 +27,22 @@ LABELS: dict[str, str] = {
     "disp_infonce_cosine": "Dispersive Loss, InfoNCE-cosine",
     "disp_hinge": "Dispersive Loss, hinge",
     "disp_covariance": "Dispersive Loss, covariance",
+    "dist_same": "mean ||z_i - z_j||² / D, same-class pairs",
+    "dist_diff": "mean ||z_i - z_j||² / D, different-class pairs",
+    "dist_ratio": "different-class / same-class mean distance (1: class-blind)",
+    "uniformity_same": "uniformity over same-class pairs (lower: more spread)",
+    "uniformity_diff": "uniformity over different-class pairs (lower: more spread)",
 }
 """Axis titles of the scalar metrics in `RunMetrics.values`."""
 
+PAIR_TITLES: dict[str, str] = {
+    "dist": "Mean pairwise squared distance ||z_i - z_j||² / D (log axis)",
+    "uniformity": "Uniformity log mean exp(-2||z_i - z_j||²) on the unit sphere",
+}
+"""The metrics `class_pairs_vs_t` splits into same-class and different-class pairs."""
+
+_PAIR_COLORS = {"same": qualitative.Set1[1], "diff": qualitative.Set1[0]}
+_PAIR_NAMES = {"same": "same class", "diff": "different class"}
 _DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
 _SYMBOLS = ("circle", "square", "diamond", "triangle-up", "x", "star")
 
@@ -87,6 +100,8 @@ def metric_vs_t(results: Sequence[RunMetrics], key: str, *, title: str | None = 
                     marker={"symbol": _SYMBOLS[i % len(_SYMBOLS)]},
                 )
             )
+    if key == "dist_ratio":
+        fig.add_hline(y=1.0, line_dash="dot", line_color="grey")
     if key == "probe_accuracy" and results[0].chance is not None:
         fig.add_hline(
             y=results[0].chance,
@@ -141,6 +156,68 @@ def metric_vs_block(
         yaxis_title=_label(key),
         template="plotly_white",
     )
+    return fig
+
+
+def class_pairs_vs_t(
+    results: Sequence[RunMetrics], metric: str = "dist", *, columns: int = 3
+) -> go.Figure:
+    """A metric over same-class pairs against the same metric over different-class pairs, as a
+    function of t: one subplot per block, runs overlaid (a run is a line dash and marker, a pair
+    kind a colour).
+
+    **Arguments:**
+
+    - `results`: one `RunMetrics` per run, with ``<metric>_same`` and ``<metric>_diff``.
+    - `metric`: ``dist`` (mean squared distance / D, on a log axis: runs whose scales differ by
+      orders of magnitude stay readable, and the gap between the two kinds is their ratio) or
+      ``uniformity`` (`PAIR_TITLES`).
+    - `columns`: subplots per row.
+
+    **Returns:** the figure; traces are named ``"<run> · same class"`` and
+    ``"<run> · different class"``, one per block subplot (the legend shows the first).
+    """
+    if metric not in PAIR_TITLES:
+        raise AnalysisError(
+            f"metric={metric!r} is not allowed: expected one of " + ", ".join(PAIR_TITLES)
+        )
+    for kind in ("same", "diff"):
+        _check_key(results, f"{metric}_{kind}")
+    blocks = sorted({b for r in results for b in r.blocks})
+    cols = min(columns, len(blocks))
+    rows = -(-len(blocks) // cols)
+    titles = []
+    for b in blocks:
+        by = [r.name for r in results if b in r.disp_blocks]
+        titles.append(f"block {b}" + (f" (dispersed: {', '.join(by)})" if by else ""))
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, shared_xaxes=True)
+    for i, r in enumerate(results):
+        for j, b in enumerate(r.blocks):
+            k = blocks.index(b)
+            for kind in ("same", "diff"):
+                fig.add_trace(
+                    go.Scatter(
+                        x=list(r.t),
+                        y=np.asarray(r.values[f"{metric}_{kind}"])[:, j].tolist(),
+                        mode="lines+markers",
+                        name=f"{r.name} · {_PAIR_NAMES[kind]}",
+                        legendgroup=f"{r.name} · {kind}",
+                        showlegend=k == 0,
+                        line={"color": _PAIR_COLORS[kind], **_run_style(i)},
+                        marker={"symbol": _SYMBOLS[i % len(_SYMBOLS)]},
+                    ),
+                    row=k // cols + 1,
+                    col=k % cols + 1,
+                )
+    fig.update_layout(
+        title=f"{PAIR_TITLES[metric]}: same-class vs different-class pairs, per block",
+        legend_title="run · pairs",
+        template="plotly_white",
+        height=max(350, 300 * rows),
+    )
+    fig.update_xaxes(title_text="t  (0 = noise → 1 = data)", row=rows)
+    if metric == "dist":
+        fig.update_yaxes(type="log")
     return fig
 
 
@@ -245,7 +322,9 @@ def metric_vs_step(series: Sequence[Sequence[RunMetrics]], key: str) -> go.Figur
 __all__ = [
     "LABELS",
     "T_AXIS",
+    "PAIR_TITLES",
     "block_color",
+    "class_pairs_vs_t",
     "distance_boxes",
     "metric_vs_block",
     "metric_vs_step",

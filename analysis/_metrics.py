@@ -6,6 +6,10 @@ Conventions (shared with `eqdisp.dispersive`):
   each example is flattened to `D = tokens * dim` features where a metric is "per example".
 - Pairwise distances are squared L2 distances divided by `D`, the scale the Dispersive Loss sees.
 - Every reduction accumulates in float32 and returns float32.
+- The class-split reductions (`class_distance_means`, `class_distance_quantiles`,
+  `class_uniformity`) take the examples' labels and reduce the pairs i < j of one kind: same class
+  (row 0 of `PAIR_KINDS`) or different classes (row 1). A kind with no pair (every label distinct,
+  or a single class) gives NaN.
 """
 
 import functools
@@ -13,7 +17,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Bool, Float, Int
 
 import eqdisp
 
@@ -22,6 +26,10 @@ QUANTILE_LEVELS: tuple[float, ...] = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 
 DISPERSIVE_VARIANTS: tuple[str, ...] = tuple(v for v in eqdisp.VARIANTS if v != "none")
 """The variants whose value `dispersive_values` reports, in this order."""
+
+
+PAIR_KINDS: tuple[str, ...] = ("same", "diff")
+"""The rows of the class-split reductions: same-class pairs, then different-class pairs."""
 
 
 def _flat(z: Float[Array, "batch *feature"]) -> Float[Array, "batch feature"]:
@@ -139,6 +147,82 @@ def uniformity(
     return jax.nn.logsumexp(-t * dist[i, j]) - math.log(n * (n - 1) // 2)
 
 
+def _pair_masks(labels: Int[Array, " batch"]) -> Bool[Array, "pair batch batch"]:
+    """Masks of the pairs i < j with equal and with different labels, stacked as `PAIR_KINDS`."""
+    n = labels.shape[0]
+    upper = jnp.triu(jnp.ones((n, n), bool), k=1)
+    equal = labels[:, None] == labels[None, :]
+    return jnp.stack([upper & equal, upper & ~equal])
+
+
+def _scaled_sq_dists(z: Float[Array, "batch *feature"]) -> Float[Array, "batch batch"]:
+    flat = _flat(z)
+    return eqdisp.pairwise_sq_dists(flat) / flat.shape[1]
+
+
+@jax.jit
+def class_distance_means(
+    z: Float[Array, "batch *feature"], labels: Int[Array, " batch"]
+) -> Float[Array, " pair"]:
+    """Mean pairwise squared distance `||z_i - z_j||^2 / D` over same-class and over
+    different-class pairs i < j (the scale of `pairwise_distance_quantiles` and of the loss).
+
+    **Arguments:**
+
+    - `z`: a batch of representations of one block.
+    - `labels`: the class of each example.
+
+    **Returns:** `(2,)` float32: same-class mean, different-class mean (`PAIR_KINDS`); NaN for a
+    kind with no pair.
+    """
+    dist = _scaled_sq_dists(z)
+    masks = _pair_masks(labels)
+    count = jnp.sum(masks, axis=(1, 2), dtype=jnp.float32)
+    total = jnp.sum(jnp.where(masks, dist[None], 0.0), axis=(1, 2))
+    return jnp.where(count > 0, total / jnp.maximum(count, 1.0), jnp.nan)
+
+
+@jax.jit
+def class_distance_quantiles(
+    z: Float[Array, "batch *feature"], labels: Int[Array, " batch"]
+) -> Float[Array, "pair quantile"]:
+    """Quantiles (`QUANTILE_LEVELS`) of `||z_i - z_j||^2 / D` over same-class and over
+    different-class pairs i < j (linearly interpolated, as `pairwise_distance_quantiles`).
+
+    **Returns:** `(2, len(QUANTILE_LEVELS))` float32, rows as `PAIR_KINDS`; NaN for a kind with
+    no pair.
+    """
+    dist = _scaled_sq_dists(z)
+    masks = _pair_masks(labels)
+    i, j = jnp.triu_indices(labels.shape[0], k=1)
+    pairs = jnp.where(masks[:, i, j], dist[i, j][None], jnp.nan)  # other kind's pairs: NaN
+    levels = jnp.asarray(QUANTILE_LEVELS, jnp.float32)
+    return jnp.nanquantile(pairs, levels, axis=1).T
+
+
+@functools.partial(jax.jit, static_argnames=("t", "normalize"))
+def class_uniformity(
+    z: Float[Array, "batch *feature"],
+    labels: Int[Array, " batch"],
+    *,
+    t: float = 2.0,
+    normalize: bool = True,
+) -> Float[Array, " pair"]:
+    """`uniformity` restricted to same-class and to different-class pairs i < j:
+    `log mean_{pairs of the kind} exp(-t ||z_i - z_j||^2)`, on the unit sphere when `normalize`.
+
+    **Returns:** `(2,)` float32, rows as `PAIR_KINDS`; NaN for a kind with no pair.
+    """
+    flat = _flat(z)
+    if normalize:
+        flat = flat * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(flat), axis=1), 1e-16))[:, None]
+    dist = eqdisp.pairwise_sq_dists(flat)
+    masks = _pair_masks(labels)
+    count = jnp.sum(masks, axis=(1, 2), dtype=jnp.float32)
+    lse = jax.vmap(lambda m: jax.nn.logsumexp(-t * dist, b=m.astype(jnp.float32)))(masks)
+    return jnp.where(count > 0, lse - jnp.log(jnp.maximum(count, 1.0)), jnp.nan)
+
+
 @functools.partial(jax.jit, static_argnames=("tau", "group_size", "margin"))
 def dispersive_values(
     z: Float[Array, "batch *feature"],
@@ -166,8 +250,12 @@ def dispersive_values(
 
 __all__ = [
     "DISPERSIVE_VARIANTS",
+    "PAIR_KINDS",
     "QUANTILE_LEVELS",
     "block_norms",
+    "class_distance_means",
+    "class_distance_quantiles",
+    "class_uniformity",
     "dispersive_values",
     "effective_rank",
     "pairwise_distance_quantiles",

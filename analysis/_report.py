@@ -16,6 +16,7 @@ import plotly.graph_objects as go
 from ._collect import Options, RunMetrics, analyze_dynamics, analyze_runs, run_name
 from ._errors import AnalysisError
 from ._figures import (
+    class_pairs_vs_t,
     distance_boxes,
     metric_vs_block,
     metric_vs_step,
@@ -33,6 +34,11 @@ _SCALARS = (
     "effective_rank",
     "uniformity",
     *(f"disp_{v}" for v in DISPERSIVE_VARIANTS),
+    "dist_same",
+    "dist_diff",
+    "dist_ratio",
+    "uniformity_same",
+    "uniformity_diff",
     "probe_accuracy",
     "probe_std",
 )
@@ -42,6 +48,9 @@ _KEY_COLUMNS = {
     "effective_rank": "eff. rank",
     "uniformity": "uniformity",
     "disp_infonce_l2": "InfoNCE-L2",
+    "dist_same": "dist. same class",
+    "dist_diff": "dist. diff. class",
+    "dist_ratio": "diff. / same",
     "probe_accuracy": "probe acc.",
 }
 
@@ -61,10 +70,33 @@ def figures(kind: str, results: Sequence[RunMetrics]) -> list[go.Figure]:
             distance_boxes(results),
             metric_vs_t(results, "uniformity"),
             *(metric_vs_t(results, f"disp_{v}") for v in DISPERSIVE_VARIANTS),
+            *_class_figures(results),
         ]
     if kind == "probes":
-        return [metric_vs_block(results, "probe_accuracy"), metric_vs_t(results, "probe_accuracy")]
+        # Runs whose probes were skipped (not meaningful) have no accuracies: a warning instead.
+        probed = [r for r in results if "probe_accuracy" in r.values]
+        if not probed:
+            return []
+        return [metric_vs_block(probed, "probe_accuracy"), metric_vs_t(probed, "probe_accuracy")]
     raise AnalysisError(f"unknown analysis {kind!r}: expected norms, spectra or probes")
+
+
+def _class_figures(results: Sequence[RunMetrics]) -> list[go.Figure]:
+    """The same-/different-class figures, when the examples allowed the split."""
+    if not all("dist_same" in r.values for r in results):
+        return []
+    return [
+        class_pairs_vs_t(results, "dist"),
+        metric_vs_t(results, "dist_ratio"),
+        class_pairs_vs_t(results, "uniformity"),
+    ]
+
+
+def probe_warnings(results: Sequence[RunMetrics]) -> list[str]:
+    """One line per run whose probe accuracies do not measure its representation."""
+    return [
+        f"{r.name}: linear probes {r.probe_note}" for r in results if r.probe_meaningful is False
+    ]
 
 
 def dynamics_figures(series: Sequence[Sequence[RunMetrics]]) -> list[go.Figure]:
@@ -84,8 +116,10 @@ def write_html(
     title: str,
     intro: str = "",
     table: str = "",
+    warnings: Sequence[str] = (),
 ) -> pathlib.Path:
-    """One self-contained HTML page: a title, an intro paragraph, a table, then the figures.
+    """One self-contained HTML page: a title, warnings, an intro paragraph, a table, then the
+    figures.
 
     plotly.js is embedded once (with the first figure), so the page opens offline.
 
@@ -94,6 +128,7 @@ def write_html(
     - `path`: the HTML file to write (its directory is created).
     - `figs`: the figures, in order.
     - `title`: the page title; `intro` (plain text) and `table` (HTML) go above the figures.
+    - `warnings`: plain-text lines shown in a red box under the title.
     """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,10 +139,14 @@ def write_html(
             "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}"
             "table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-            "th{background:#f3f3f3}tr.disp td{font-weight:bold}</style></head><body>"
+            "th{background:#f3f3f3}tr.disp td{font-weight:bold}"
+            ".warning{border:3px solid #c00;background:#fee;padding:0.5em 1em;margin:1em 0}"
+            "</style></head><body>"
         ),
         f"<h1>{html.escape(title)}</h1>",
     ]
+    for line in warnings:
+        parts.append(f"<div class='warning'><strong>Warning</strong>: {html.escape(line)}</div>")
     if intro:
         parts.append(f"<p>{html.escape(intro)}</p>")
     if table:
@@ -134,6 +173,9 @@ def key_numbers(results: Sequence[RunMetrics]) -> list[dict]:
             for key in _KEY_COLUMNS:
                 if key in r.values:
                     row[key] = float(np.asarray(r.values[key])[:, j].mean())
+            if r.probe_labels is not None:
+                row["probe_labels"] = r.probe_labels
+                row["probe_meaningful"] = r.probe_meaningful
             rows.append(row)
     return rows
 
@@ -167,6 +209,9 @@ def _long_rows(results: Sequence[RunMetrics]) -> list[dict]:
             for j, b in enumerate(r.blocks):
                 row = {"run": r.name, "variant": r.variant, "step": r.step, "t": t, "block": b}
                 row |= {k: float(np.asarray(r.values[k])[i, j]) for k in _SCALARS if k in r.values}
+                if r.probe_labels is not None:
+                    row["probe_labels"] = r.probe_labels
+                    row["probe_meaningful"] = r.probe_meaningful
                 rows.append(row)
     return rows
 
@@ -196,13 +241,18 @@ def _intro(options: Options, results: Sequence[RunMetrics], elapsed: float | Non
         f"the same noise and the same times t = {ts} for every run (SiT convention: t = 0 is pure "
         "noise, t = 1 is clean data). Distances are squared L2 divided by the feature size D; "
         f"dispersive values use tau = {options.tau:g}, groups of {options.group_size}. "
+        "Same-class / different-class splits take the examples' data labels over all pairs of the "
+        "examples (the t grid gives them per noise level). "
         + (
-            "Models fed the null label (unconditional)."
+            "Norms and spectra: models fed the null label (unconditional)."
             if options.unconditional
-            else "Models fed the true class label (their blocks carry it from the conditioning, so the "
-            "probes can read it; --unconditional feeds the null label)."
+            else "Norms and spectra: models fed the true class label, as in training "
+            "(--unconditional feeds the null label)."
         )
     )
+    notes = dict.fromkeys(r.probe_note for r in results if r.probe_meaningful)
+    if notes:
+        text += " Linear probes: " + "; ".join(notes) + "."
     if elapsed is not None:
         text += f" Computed in {elapsed:.1f} s."
     return text
@@ -288,8 +338,11 @@ def write_analysis(
         title = f"{kind.capitalize()} of block representations: {names}"
     out.mkdir(parents=True, exist_ok=True)
     table = key_numbers_html(rows) if kind == "report" else ""
+    warnings = probe_warnings(results) if kind != "dynamics" else []
     written = [
-        write_html(out / f"{kind}.html", figs, title=title, intro=intro, table=table),
+        write_html(
+            out / f"{kind}.html", figs, title=title, intro=intro, table=table, warnings=warnings
+        ),
         _dump_json(out / f"{kind}.json", payload),
         _write_csv(out / f"{kind}.csv", rows),
     ]
@@ -303,6 +356,7 @@ __all__ = [
     "figures",
     "key_numbers",
     "key_numbers_html",
+    "probe_warnings",
     "write_analysis",
     "write_html",
 ]

@@ -3,6 +3,13 @@
 Each subcommand writes ``<out>/<name>.html`` (self-contained, opens offline), ``<name>.json`` (all
 numbers) and ``<name>.csv`` (a table) and prints their paths. Several runs are overlaid, all
 analysed on the same examples, noise and times.
+
+Linear probes (``probes``, ``report``) run the model on the null label by default
+(``--probe-labels null``: the classifier-free-guidance label, so the model sees no class and a
+probe must infer it from x_t). That is meaningful only for a run trained with label dropout
+(``model.class_dropout_prob > 0``); for one trained without, the page shows a warning instead of
+accuracies. ``--probe-labels true`` feeds the true class (accuracies near 1.0 then reflect the
+conditioning, and the page says so).
 """
 
 import dataclasses
@@ -38,7 +45,8 @@ class _Common:
     progress: bool = True
     """Show a progress bar on stderr."""
     unconditional: bool = False
-    """Feed the null label instead of the class (probes then infer the label from x_t alone)."""
+    """Feed the null label instead of the class for the norms and spectra (the probes' label is
+    --probe-labels); needs a run trained with model.class_dropout_prob > 0."""
 
     def _options(self, **extra):
         from analysis import Options
@@ -82,7 +90,8 @@ class Norms(_Common):
 
 @dataclasses.dataclass(frozen=True)
 class Spectra(_Common):
-    """Pairwise distances, singular values, effective rank, uniformity and dispersive-loss values per block and t."""
+    """Pairwise distances (also split into same-class / different-class pairs), singular values,
+    effective rank, uniformity and dispersive-loss values per block and t."""
 
     step: int | None = None
     """Checkpoint step to analyse (default: the latest)."""
@@ -103,9 +112,13 @@ class Probes(_Common):
     """Checkpoint step to analyse (default: the latest)."""
     folds: int = 5
     """Stratified cross-validation folds."""
+    probe_labels: Literal["null", "true"] = "null"
+    """Label the model is fed for the probes: 'null' (the CFG null label: the model sees no class;
+    needs a run trained with model.class_dropout_prob > 0, else a warning replaces the accuracies)
+    or 'true' (the class itself: the blocks carry it from the conditioning, accuracies near 1.0)."""
 
     def _extra(self) -> dict:
-        return {"folds": self.folds}
+        return {"folds": self.folds, "probe_labels": self.probe_labels}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,9 +140,18 @@ class Report(_Common):
     """Group size of the dispersive values (divides --examples); None: one group."""
     folds: int = 5
     """Stratified cross-validation folds of the probes."""
+    probe_labels: Literal["null", "true"] = "null"
+    """Label the model is fed for the probes: 'null' (the CFG null label: the model sees no class;
+    needs a run trained with model.class_dropout_prob > 0, else a warning replaces the accuracies)
+    or 'true' (the class itself: the blocks carry it from the conditioning, accuracies near 1.0)."""
 
     def _extra(self) -> dict:
-        return {"tau": self.tau, "group_size": self.group_size, "folds": self.folds}
+        return {
+            "tau": self.tau,
+            "group_size": self.group_size,
+            "folds": self.folds,
+            "probe_labels": self.probe_labels,
+        }
 
 
 def parse(argv: list[str] | None = None) -> _Common:

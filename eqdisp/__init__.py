@@ -50,20 +50,40 @@ from .config import (
 from .config import (
     TransportConfig as TransportConfig,
 )
+from .convert import ConvertError as ConvertError
+from .convert import convert_checkpoint as convert_checkpoint
+from .convert import from_torch as from_torch
 from .data import DataError as DataError
 from .data import make_dataset as make_dataset
+from .diffusion import (
+    GaussianDiffusion as GaussianDiffusion,
+)
+from .diffusion import (
+    ddpm_sample as ddpm_sample,
+)
+from .diffusion import (
+    make_diffusion as make_diffusion,
+)
 from .dispersive import (
     VARIANTS as VARIANTS,
 )
 from .dispersive import (
     contrastive_loss as contrastive_loss,
 )
+from .dispersive import dispersive_floor as dispersive_floor
 from .dispersive import (
     dispersive_loss as dispersive_loss,
 )
 from .dispersive import (
     pairwise_sq_dists as pairwise_sq_dists,
 )
+from .io import WeightsError as WeightsError
+from .io import read_state_dict as read_state_dict
+from .io import read_torch as read_torch
+from .latents import LatentDecoder as LatentDecoder
+from .latents import latent_decoder as latent_decoder
+from .latents import prepare_latents as prepare_latents
+from .latents import read_manifest as read_manifest
 from .models import (
     AbstractDiffusionModel as AbstractDiffusionModel,
 )
@@ -79,15 +99,17 @@ from .models import (
 from .models import (
     parse_model_name as parse_model_name,
 )
-from .diffusion import (
-    GaussianDiffusion as GaussianDiffusion,
-    ddpm_sample as ddpm_sample,
-    make_diffusion as make_diffusion,
-)
 from .objective import (
     Objective as Objective,
+)
+from .objective import (
     diffusion_loss as diffusion_loss,
+)
+from .objective import (
     draw_samples as draw_samples,
+)
+from .objective import loss_terms as loss_terms
+from .objective import (
     make_objective as make_objective,
 )
 from .samplers import (
@@ -123,6 +145,7 @@ from .train import (
 from .train import (
     load_checkpoint as load_checkpoint,
 )
+from .train import make_diagnostics as make_diagnostics
 from .train import (
     make_optimizer as make_optimizer,
 )
@@ -150,17 +173,6 @@ from .transport import (
 from .transport import (
     make_transport as make_transport,
 )
-
-from .convert import ConvertError as ConvertError
-from .convert import convert_checkpoint as convert_checkpoint
-from .convert import from_torch as from_torch
-from .io import WeightsError as WeightsError
-from .io import read_state_dict as read_state_dict
-from .io import read_torch as read_torch
-from .latents import LatentDecoder as LatentDecoder
-from .latents import latent_decoder as latent_decoder
-from .latents import prepare_latents as prepare_latents
-from .latents import read_manifest as read_manifest
 from .vae import AutoencoderKL as AutoencoderKL
 from .vae import VAEConfig as VAEConfig
 from .vae import decode_latents as decode_latents

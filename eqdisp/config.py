@@ -416,6 +416,14 @@ class RunConfig:
     """Run directory."""
     log_every: int = 100
     """Print and record metrics every this many steps."""
+    diagnostics_every: int = 100
+    """Every this many steps, also record what the dispersive term does (``disp_gap/b*``,
+    ``grad_norm_disp/b*``, ``grad_norm_diff``, ``grad_cos/b*``: ``make_diagnostics`` in
+    ``eqdisp/train/_step.py``; for a baseline, the paper's term) in ``metrics.jsonl``, in a row of
+    its own between two ``log_every`` rows. Measured on the train step's batch and key without
+    changing the run. One call costs 1.6-1.7 train steps (a forward and a backward pass per
+    term; 2-core Xeon with AVX-512/AMX: sit-tiny 256 ms against 160 ms, SiT-S/2 batch 32 14.6 s
+    against 8.6 s) and compiles in ~4 s, so 100 adds ~1.7% to a run. 0 disables."""
     sample_count: int = 64
     """Images in the sample grids (from the EMA model) written during and at the end of the run; 0
     skips them. They follow the run's sampler (250 Heun steps by default: minutes per image for a
@@ -444,6 +452,8 @@ class RunConfig:
         _check(self.steps >= 0, "train.steps", self.steps, "an int >= 0")
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "a positive int")
         _check(self.log_every >= 1, "train.log_every", self.log_every, "a positive int")
+        every = self.diagnostics_every
+        _check(every >= 0, "train.diagnostics_every", every, "an int >= 0")
         _check(self.sample_count >= 0, "train.sample_count", self.sample_count, "an int >= 0")
         _check(self.sample_every >= 0, "train.sample_every", self.sample_every, "an int >= 0")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", self.checkpoint_every, "a positive int")

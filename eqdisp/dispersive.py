@@ -202,6 +202,73 @@ def dispersive_loss(
     return _over_groups(per_group, group_size, z)
 
 
+def dispersive_floor(
+    variant: str,
+    group: int,
+    *,
+    tau: float = 0.5,
+    margin: float = 1.0,
+    features: int | None = None,
+) -> float:
+    """The smallest value `dispersive_loss` can take on groups of `group` examples.
+
+    Derived per variant (each group's loss has this lower bound, so their mean has it too):
+
+    - `"infonce_l2"`: `-log(group)`. The `group` diagonal terms of the mean are `exp(0) = 1` and
+      the others are positive, so the loss is `-log(group) + log(1 + (group - 1) k)` with
+      `k = mean_{i != j} exp(-d_ij / tau)`: the floor is approached (never reached) as the points
+      move apart, and the gap above it is `log(1 + (group - 1) k)`, about `(group - 1) k`.
+    - `"infonce_cosine"`: `log((exp(1 / tau) + (group - 1) exp(-1 / ((group - 1) tau))) / group)`,
+      not `-log(group)`: the loss is convex in the Gram matrix of the unit vectors and symmetric
+      under permutations, so the regular simplex (every off-diagonal cosine `-1 / (group - 1)`)
+      minimises it; it is reached when `features >= group - 1`, and a lower bound otherwise.
+      Always `> 0` for `group > 1` (`sum_ij cos_ij = |sum_i u_i|^2 >= 0`, then Jensen). For
+      nonzero representations: a group of zero vectors has cosine 0 everywhere, loss 0.
+    - `"hinge"`: `margin^2 / group`, the diagonal `d_ii = 0` terms; reached once every pair is at
+      least `margin` apart.
+    - `"covariance"`: `1 / (min(group, features + 1) - 1)`, and 0 for a group of one: the value is
+      `|K|_F^2 / (group D)^2` with `K` the Gram matrix of the standardised group, whose trace is
+      about `group D` and whose rank is at most `min(group - 1, D)`; equality when the standardised
+      points form a regular simplex. This ignores the `1e-5` added to each feature's variance, so
+      features of variance `v` give values lower by a factor `(v / (v + 1e-5))^2`, down to 0 for a
+      collapsed group (constant features standardise to 0): the floor of non-degenerate features.
+    - `"none"`: 0.
+
+    **Arguments:**
+
+    - `variant`: one of `VARIANTS`.
+    - `group`: examples per group (the batch size when `dispersive_loss`'s `group_size` is None).
+    - `tau`, `margin`: as in `dispersive_loss`.
+    - `features`: `D`, the features per example; None means at least `group - 1` (any SiT block:
+      `D = tokens * dim`). Only `"covariance"` depends on it.
+
+    **Returns:**
+
+    The floor, a Python float.
+
+    **Raises:**
+
+    `ValueError` for an unknown `variant` or a `group` below 1.
+    """
+    _check_variant(variant)
+    if group < 1:
+        raise ValueError(f"group={group} is not allowed: expected a positive number of examples")
+    rank = group - 1 if features is None else min(group - 1, features)
+    if variant == "infonce_l2":
+        return -math.log(group)
+    if variant == "infonce_cosine":
+        if group == 1:
+            return 1.0 / tau
+        # log(e^{1/tau} + (n - 1) e^{-1/((n - 1) tau)}) - log n, without exp(1/tau) overflowing.
+        off = (group - 1) * math.exp(-(1.0 + 1.0 / (group - 1)) / tau)
+        return 1.0 / tau + math.log1p(off) - math.log(group)
+    if variant == "hinge":
+        return margin**2 / group
+    if variant == "covariance":
+        return 1.0 / rank if rank > 0 else 0.0
+    return 0.0
+
+
 # ----------------------------------------------------------------------------------------------
 # Contrastive counterparts (Table 1, left column; Table 2): two views of the same n examples
 

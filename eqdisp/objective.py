@@ -113,6 +113,14 @@ def regularizer(
 
     The unweighted regulariser, a float32 scalar.
     """
+    return jnp.mean(_per_block(blocks, disp, blocks_pos))
+
+
+def _per_block(
+    blocks: Float[Array, "batch taps tokens dim"],
+    disp: DispConfig,
+    blocks_pos: Float[Array, "batch taps tokens dim"] | None,
+) -> Float[Array, " taps"]:
     options = {"tau": disp.tau, "group_size": disp.group_size, "margin": disp.margin}
     losses = []
     for b in range(blocks.shape[1]):
@@ -128,7 +136,7 @@ def regularizer(
                     **options,
                 )
             )
-    return jnp.mean(jnp.stack(losses))
+    return jnp.stack(losses)
 
 
 def _second_view_time(
@@ -173,15 +181,58 @@ def diffusion_loss(
     ``(loss, metrics)`` with ``metrics = {"loss_diff": ..., "loss_disp": ...}``; ``loss_disp`` is the
     unweighted regulariser (0 for the baseline).
     """
+    # Tap only the regularised blocks (none for the baseline): under scan, slicing some taps out of
+    # all of them keeps the whole (depth, tokens, dim) stack and its cotangent alive.
+    tap_blocks = disp.block_indices(model.depth) if disp.active else ()
+    loss_diff, per_block = _terms(model, x1, y, key, transport, disp, tap_blocks)
+    if not disp.active:
+        return loss_diff, {"loss_diff": loss_diff, "loss_disp": jnp.zeros((), jnp.float32)}
+    loss_disp = jnp.mean(per_block)
+    loss = loss_diff + disp.weight * loss_disp
+    return loss, {"loss_diff": loss_diff, "loss_disp": loss_disp}
+
+
+def loss_terms(
+    model: eqx.Module,
+    x1: Float[Array, "batch c h w"],
+    y: Int[Array, " batch"],
+    *,
+    key: PRNGKeyArray,
+    transport: Objective,
+    disp: DispConfig,
+) -> tuple[Float[Array, ""], Float[Array, " taps"]]:
+    """The two terms of `diffusion_loss` apart: the diffusion loss and the unweighted regulariser
+    of each configured block, computed from the same key as `diffusion_loss` draws from.
+
+    Unlike `diffusion_loss` this ignores ``disp.weight``: with a weight of 0 it still taps
+    ``disp.blocks`` and computes their regulariser (training diagnostics use it so). When the
+    term is active, ``diffusion_loss == loss_diff + disp.weight * mean(per_block)``.
+
+    **Arguments:** as `diffusion_loss`.
+
+    **Returns:**
+
+    ``(loss_diff, per_block)``: float32; ``per_block[k]`` is the dispersive (or contrastive) loss
+    of the k-th block of ``disp.block_indices(model.depth)``, empty for ``variant="none"``.
+    """
+    tap_blocks = disp.block_indices(model.depth) if disp.variant != "none" else ()
+    return _terms(model, x1, y, key, transport, disp, tap_blocks)
+
+
+def _terms(
+    model: eqx.Module,
+    x1: Float[Array, "batch c h w"],
+    y: Int[Array, " batch"],
+    key: PRNGKeyArray,
+    transport: Objective,
+    disp: DispConfig,
+    tap_blocks: tuple[int, ...],
+) -> tuple[Float[Array, ""], Float[Array, " taps"]]:
     batch = x1.shape[0]
     key_noise, key_time, key_drop, key_view = jr.split(key, 4)
     x0 = jr.normal(key_noise, x1.shape, x1.dtype)
     t = transport.sample_train_time(key_time, (batch,))
     drop_keys = jr.split(key_drop, batch)
-
-    # Tap only the regularised blocks (none for the baseline): under scan, slicing some taps out of
-    # all of them keeps the whole (depth, tokens, dim) stack and its cotangent alive.
-    tap_blocks = disp.block_indices(model.depth) if disp.active else ()
 
     def forward(x0_i, x1_i, t_i, y_i, key_i):
         x_t, _ = transport.interpolate(x0_i, x1_i, t_i)
@@ -190,16 +241,12 @@ def diffusion_loss(
 
     per_example, taps = jax.vmap(forward)(x0, x1, t, y, drop_keys)
     loss_diff = jnp.mean(per_example)
-    if not disp.active:
-        return loss_diff, {"loss_diff": loss_diff, "loss_disp": jnp.zeros((), jnp.float32)}
-
+    if not tap_blocks:
+        return loss_diff, jnp.zeros((0,), jnp.float32)
     if disp.contrastive == "off":
-        loss_disp = regularizer(taps.blocks, disp)
-    else:
-        key_noise2, key_time2 = jr.split(key_view)
-        x0_pos = jr.normal(key_noise2, x1.shape, x1.dtype)
-        t_pos = _second_view_time(key_time2, t, disp, transport)
-        _, taps_pos = jax.vmap(forward)(x0_pos, x1, t_pos, y, drop_keys)
-        loss_disp = regularizer(taps.blocks, disp, taps_pos.blocks)
-    loss = loss_diff + disp.weight * loss_disp
-    return loss, {"loss_diff": loss_diff, "loss_disp": loss_disp}
+        return loss_diff, _per_block(taps.blocks, disp, None)
+    key_noise2, key_time2 = jr.split(key_view)
+    x0_pos = jr.normal(key_noise2, x1.shape, x1.dtype)
+    t_pos = _second_view_time(key_time2, t, disp, transport)
+    _, taps_pos = jax.vmap(forward)(x0_pos, x1, t_pos, y, drop_keys)
+    return loss_diff, _per_block(taps.blocks, disp, taps_pos.blocks)

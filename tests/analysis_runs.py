@@ -12,14 +12,28 @@ import jax
 import jax.random as jr
 
 
-def make_run(out: pathlib.Path, *, variant: str, steps: tuple[int, ...] = (1,), seed: int = 0):
-    """Write a sit-tiny run directory at `out` with one checkpoint per step; returns its config."""
+def make_run(
+    out: pathlib.Path,
+    *,
+    variant: str,
+    steps: tuple[int, ...] = (1,),
+    seed: int = 0,
+    class_dropout_prob: float | None = None,
+):
+    """Write a sit-tiny run directory at `out` with one checkpoint per step; returns its config.
+
+    `class_dropout_prob` overrides the preset's label dropout (0: a run whose null label was never
+    trained; it only changes the config, the weights are drawn the same way).
+    """
     import eqdisp
     from eqdisp.config import PRESETS, DispConfig, RunConfig
     from eqdisp.train import Checkpointer
 
     base = PRESETS["sit-tiny"][1]
     disp = base.disp if variant != "none" else DispConfig(variant="none")
+    if class_dropout_prob is not None:
+        model_cfg = dataclasses.replace(base.model, class_dropout_prob=class_dropout_prob)
+        base = dataclasses.replace(base, model=model_cfg)
     cfg = dataclasses.replace(
         base,
         disp=dataclasses.replace(disp, variant=variant),

@@ -104,6 +104,89 @@ def test_distance_quantiles_and_dispersive_values():
         assert float(got) == pytest.approx(float(want), rel=1e-6)
 
 
+def _numpy_class_pairs(z, labels, kind):
+    """Independent formula: the pairs i < j of one kind, their distances / D and on the sphere."""
+    x = z.reshape(z.shape[0], -1).astype(np.float64)
+    i, j = np.triu_indices(x.shape[0], k=1)
+    keep = (labels[i] == labels[j]) if kind == "same" else (labels[i] != labels[j])
+    i, j = i[keep], j[keep]
+    dist = np.sum((x[i] - x[j]) ** 2, axis=1) / x.shape[1]
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sphere = np.sum((unit[i] - unit[j]) ** 2, axis=1)
+    return dist, sphere
+
+
+def test_class_pair_metrics_match_numpy():
+    from analysis import (
+        PAIR_KINDS,
+        QUANTILE_LEVELS,
+        class_distance_means,
+        class_distance_quantiles,
+        class_uniformity,
+    )
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(14, 3, 4)).astype(np.float32)
+    labels = np.array([0, 2, 1, 0, 0, 2, 1, 1, 1, 0, 2, 1, 0, 0])
+    means = class_distance_means(jnp.asarray(z), jnp.asarray(labels))
+    quantiles = class_distance_quantiles(jnp.asarray(z), jnp.asarray(labels))
+    unif = class_uniformity(jnp.asarray(z), jnp.asarray(labels))
+    assert means.shape == (2,) and quantiles.shape == (2, len(QUANTILE_LEVELS))
+    for row, kind in enumerate(PAIR_KINDS):
+        dist, sphere = _numpy_class_pairs(z, labels, kind)
+        assert float(means[row]) == pytest.approx(dist.mean(), rel=1e-5)
+        np.testing.assert_allclose(quantiles[row], np.quantile(dist, QUANTILE_LEVELS), rtol=1e-4)
+        expected = np.log(np.mean(np.exp(-2.0 * sphere)))
+        assert float(unif[row]) == pytest.approx(expected, rel=1e-5)
+    # Unnormalised, another temperature.
+    dist, _ = _numpy_class_pairs(z, labels, "diff")
+    raw = dist * z[0].size  # undo the / D
+    got = class_uniformity(jnp.asarray(z), jnp.asarray(labels), t=0.01, normalize=False)
+    assert float(got[1]) == pytest.approx(np.log(np.mean(np.exp(-0.01 * raw))), rel=1e-5)
+
+
+def test_class_pair_metrics_known_answers():
+    from analysis import class_distance_means, class_distance_quantiles, class_uniformity
+
+    # Two classes at two fixed points a = (1, 0, ...) and b = (0, 2, 0, ...), D = 6: same-class
+    # pairs are at distance 0, different-class pairs at ||a - b||^2 / D = 5 / 6; on the sphere
+    # a and b are orthogonal unit vectors, at squared distance 2.
+    a = np.zeros((2, 3), np.float32)
+    a[0, 0] = 1.0
+    b = np.zeros((2, 3), np.float32)
+    b[0, 1] = 2.0
+    labels = np.array([0, 1, 1, 0, 0, 1, 0])
+    z = jnp.asarray(np.stack([a if y == 0 else b for y in labels]))
+    y = jnp.asarray(labels)
+    np.testing.assert_allclose(class_distance_means(z, y), [0.0, 5 / 6], rtol=1e-6, atol=1e-7)
+    quantiles = np.asarray(class_distance_quantiles(z, y))
+    np.testing.assert_allclose(quantiles[0], 0.0, atol=1e-7)
+    np.testing.assert_allclose(quantiles[1], 5 / 6, rtol=1e-6)
+    np.testing.assert_allclose(class_uniformity(z, y), [0.0, -4.0], rtol=1e-6, atol=1e-6)
+    # A kind with no pair: NaN (every label distinct: no same-class pair; one class: no other).
+    distinct = class_distance_means(z, jnp.arange(7))
+    assert np.isnan(distinct[0]) and np.isfinite(distinct[1])
+    one = class_uniformity(z, jnp.zeros(7, jnp.int32))
+    assert np.isfinite(one[0]) and np.isnan(one[1])
+    assert np.all(np.isnan(class_distance_quantiles(z, jnp.zeros(7, jnp.int32))[1]))
+
+
+def test_class_pair_metrics_permutation_invariant():
+    from analysis import class_distance_means, class_distance_quantiles, class_uniformity
+
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(12, 2, 5)).astype(np.float32)
+    labels = rng.integers(0, 3, size=12)
+    perm = rng.permutation(12)
+    relabel = np.array([2, 0, 1])[labels]  # renaming the classes changes no pair's kind
+    for fn in (class_distance_means, class_distance_quantiles, class_uniformity):
+        ref = fn(jnp.asarray(z), jnp.asarray(labels))
+        np.testing.assert_allclose(
+            fn(jnp.asarray(z[perm]), jnp.asarray(labels[perm])), ref, rtol=1e-5
+        )
+        np.testing.assert_allclose(fn(jnp.asarray(z), jnp.asarray(relabel)), ref, rtol=1e-6)
+
+
 def test_probes_separable_and_shuffled():
     from analysis import probe_accuracy
 
@@ -140,6 +223,9 @@ def test_parse_blocks_and_options_errors():
         Options(t=(0.5, 1.5))
     with pytest.raises(AnalysisError, match="group_size"):
         Options(examples=20, group_size=16)
+    with pytest.raises(AnalysisError, match="probe_labels='gold'"):
+        Options(probe_labels="gold")
+    assert Options().probe_labels == "null"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,6 +239,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     make_run(root / "base", variant="none", steps=(1, 2), seed=1)
     make_run(root / "disp", variant="infonce_l2", steps=(2,), seed=2)
+    make_run(root / "nodrop", variant="none", steps=(1,), seed=3, class_dropout_prob=0.0)
     return root
 
 
@@ -205,6 +292,21 @@ def test_cli_report_end_to_end(runs, tmp_path, capsys):
             )
     csv_lines = (tmp_path / "report.csv").read_text().splitlines()
     assert csv_lines[0].startswith("run,variant,step,block") and len(csv_lines) == 13
+    # The same-/different-class split, per t and block, in the JSON, CSV, table and figures.
+    for run in (base, disp):
+        v = {k: np.asarray(x) for k, x in run["values"].items()}
+        assert v["dist_same"].shape == v["dist_diff"].shape == (2, 6)
+        assert v["dist_quantiles_same"].shape == (2, 6, 7)
+        assert v["uniformity_same"].shape == v["uniformity_diff"].shape == (2, 6)
+        np.testing.assert_allclose(v["dist_ratio"], v["dist_diff"] / v["dist_same"], rtol=1e-6)
+    assert {"dist_same", "dist_diff", "dist_ratio"} <= set(data["key_numbers"][0])
+    assert {"dist_same", "dist_diff", "dist_ratio"} <= set(csv_lines[0].split(","))
+    assert "diff. / same" in page and "base · same class" in page
+    assert "same-class vs different-class pairs, per block" in page
+    # Probes default to the null label, said on the page and in the JSON; no warning here.
+    note = "probed with the null label: the model saw no class"
+    assert base["probe_labels"] == "null" and base["probe_meaningful"] is True
+    assert base["probe_note"] == note and note in page and "class='warning'" not in page
 
 
 def test_figures_one_trace_per_run_and_block(runs):
@@ -247,6 +349,94 @@ def test_unconditional_feeds_the_null_label_and_needs_a_trained_one(runs):
     config = dataclasses.replace(run.config, model=model_cfg)
     with pytest.raises(AnalysisError, match="class_dropout_prob=0"):
         collect(dataclasses.replace(run, config=config), inputs, unconditional, analyses=("norms",))
+
+
+def test_class_pair_figure_one_trace_per_run_block_and_kind(runs):
+    from analysis import Options, analyze_runs, class_pairs_vs_t
+
+    opts = Options(t=(0.3, 0.7), examples=32, blocks="1,3", group_size=8, progress=False)
+    results = analyze_runs([runs / "base", runs / "disp"], opts, analyses=("norms", "spectra"))
+    fig = class_pairs_vs_t(results, "dist")
+    assert [tr.name for tr in fig.data] == [
+        f"{run} · {kind}"
+        for run in ("base", "disp")
+        for _ in (1, 3)
+        for kind in ("same class", "different class")
+    ]
+    assert sum(bool(tr.showlegend) for tr in fig.data) == 4  # legend once per run and kind
+    assert [a.text for a in fig.layout.annotations] == ["block 1 (dispersed: disp)", "block 3"]
+    assert len(class_pairs_vs_t(results, "uniformity").data) == 8
+
+
+def test_probe_features_follow_probe_labels_not_unconditional(runs):
+    """Null-label probes see the null-label forward whether the metrics' forward was conditional
+    (the probes run their own) or unconditional (they reuse it); likewise for true labels."""
+    import dataclasses
+
+    from analysis import Options
+    from analysis._collect import collect, load_inputs, load_run
+
+    run = load_run(runs / "base")
+    opts = Options(t=(0.5,), examples=32, blocks="2", group_size=8, folds=2, progress=False)
+    inputs = load_inputs(run.config, opts)
+
+    def accuracy(**kw):
+        m = collect(run, inputs, dataclasses.replace(opts, **kw), analyses=("probes",))
+        return m.values["probe_accuracy"], m.values["probe_std"]
+
+    null = accuracy(probe_labels="null")
+    true = accuracy(probe_labels="true")
+    np.testing.assert_array_equal(null, accuracy(probe_labels="null", unconditional=True))
+    np.testing.assert_array_equal(true, accuracy(probe_labels="true", unconditional=True))
+    assert not np.array_equal(null, true)
+
+
+def test_probes_default_to_null_label_and_warn_without_label_dropout(runs, tmp_path):
+    from analysis import PROBE_NOTES
+    from cli.analyze import main
+
+    argv = [
+        "probes",
+        str(runs / "base"),
+        str(runs / "nodrop"),
+        "--examples",
+        "32",
+        "--t",
+        "0.5",
+        "--blocks",
+        "1,2",
+        "--folds",
+        "2",
+        "--no-progress",
+    ]
+    assert main([*argv, "--out", str(tmp_path / "null")]) == 0
+    data = json.loads((tmp_path / "null" / "probes.json").read_text())
+    page = (tmp_path / "null" / "probes.html").read_text()
+    base, nodrop = data["runs"]
+    assert data["options"]["probe_labels"] == "null"
+    # Trained with label dropout: null-label probes, said so.
+    assert base["probe_labels"] == "null" and base["probe_meaningful"] is True
+    assert base["probe_note"] == PROBE_NOTES["null"] and PROBE_NOTES["null"] in page
+    assert np.asarray(base["values"]["probe_accuracy"]).shape == (1, 2)
+    # Trained without: no accuracies, a prominent warning instead, marked in the JSON and CSV.
+    assert nodrop["probe_meaningful"] is False and nodrop["probe_note"] == PROBE_NOTES["untrained"]
+    assert "probe_accuracy" not in nodrop["values"] and "not meaningful" in nodrop["probe_note"]
+    warning = re.search(r"<div class='warning'>(.*?)</div>", page)
+    assert warning and "nodrop: linear probes not meaningful" in warning.group(1)
+    assert "class_dropout_prob=0" in warning.group(1)
+    assert "nodrop · block" not in page and "base · block 1" in page  # only base is plotted
+    csv_text = (tmp_path / "null" / "probes.csv").read_text()
+    assert "nodrop,none,1,0.5,1," in csv_text and ",null,False" in csv_text
+
+    # --probe-labels true: every run probed with its class, accuracies shown with a warning each.
+    assert main([*argv, "--out", str(tmp_path / "true"), "--probe-labels", "true"]) == 0
+    data = json.loads((tmp_path / "true" / "probes.json").read_text())
+    page = (tmp_path / "true" / "probes.html").read_text()
+    for r in data["runs"]:
+        assert r["probe_labels"] == "true" and r["probe_meaningful"] is False
+        assert r["probe_note"] == PROBE_NOTES["true"]
+        assert np.asarray(r["values"]["probe_accuracy"]).shape == (1, 2)
+    assert page.count("class='warning'") == 2 and "nodrop · block 1" in page
 
 
 @pytest.mark.parametrize(

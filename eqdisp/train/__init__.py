@@ -10,7 +10,14 @@ from ._checkpoint import (
     load_checkpoint,
 )
 from ._loop import TrainingError, train
-from ._step import TrainState, init_train_state, make_optimizer, make_train_step
+from ._step import (
+    TrainState,
+    diagnostic_disp,
+    init_train_state,
+    make_diagnostics,
+    make_optimizer,
+    make_train_step,
+)
 
 __all__ = [
     "Checkpoint",
@@ -21,8 +28,10 @@ __all__ = [
     "abstract_train_state",
     "config_from_dict",
     "config_to_dict",
+    "diagnostic_disp",
     "init_train_state",
     "load_checkpoint",
+    "make_diagnostics",
     "make_optimizer",
     "make_train_step",
     "train",

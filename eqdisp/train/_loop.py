@@ -34,7 +34,7 @@ from ..models import make_model
 from ..objective import describe_sampler, draw_samples, make_objective, sampler_evaluations
 from ..sharding import global_batch, initialize_distributed, make_mesh, shard_state
 from ._checkpoint import Checkpointer, CheckpointError, _one_line, config_to_dict, load_checkpoint
-from ._step import TrainState, init_train_state, make_optimizer, make_train_step
+from ._step import TrainState, init_train_state, make_diagnostics, make_optimizer, make_train_step
 
 RESUMABLE_CHANGES: dict[str, tuple[str, ...] | None] = {
     "sampler": None,  # every field: sampling reads the weights, it does not change them
@@ -43,6 +43,7 @@ RESUMABLE_CHANGES: dict[str, tuple[str, ...] | None] = {
         "out",
         "steps",
         "log_every",
+        "diagnostics_every",
         "sample_count",
         "sample_every",
         "sample_seconds",
@@ -95,15 +96,31 @@ class _Progress:
         self.tty = sys.stdout.isatty()
         self.log = log_path.open("a") if enabled else None
 
-    def report(self, step: int, metrics: dict[str, float], images_per_second: float, eta: float):
+    def report(
+        self,
+        step: int,
+        metrics: dict[str, float],
+        images_per_second: float,
+        eta: float,
+        diagnostics: dict[str, float | None],
+    ):
         if not self.enabled:
             return
-        record = {"step": step, **metrics, "images_per_second": round(images_per_second, 2)}
-        self.log.write(json.dumps(record) + "\n")
-        self.log.flush()
+        rate = round(images_per_second, 2)
+        self.record(step, {**metrics, **diagnostics, "images_per_second": rate})
         shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+        # The dispersive loss' distance to its floor where this step measured it: small numbers.
+        for k, v in diagnostics.items():
+            if k.startswith("disp_gap/") and v is not None:
+                shown += f" {k}={v:.3g}"
         line = f"step {step:>7d}/{self.total}  {shown}  img/s={images_per_second:.1f}  eta={eta:.0f}s"
         print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", flush=True)
+
+    def record(self, step: int, values: dict[str, float | None]):
+        """Write one row to the JSONL file only (a diagnostics step between two reports)."""
+        if self.enabled:
+            self.log.write(json.dumps({"step": step, **values}) + "\n")
+            self.log.flush()
 
     def close(self):
         if self.enabled:
@@ -464,6 +481,11 @@ def train(cfg: ExperimentConfig) -> dict:
         step_fn = make_train_step(
             optimizer, objective, cfg.disp, ema_decay=cfg.optim.ema_decay, mesh=mesh
         )
+        # Compiled only if this session reaches a diagnostics step (a multiple of `every`).
+        every = run.diagnostics_every
+        diag_fn = None
+        if every and run.steps // every > start_step // every:
+            diag_fn = make_diagnostics(objective, cfg.disp, mesh=mesh)
         batch = global_batch(next(data_iter), mesh)
         params = sum(x.size for x in jax.tree.leaves(eqx.filter(state.model, eqx.is_inexact_array)))
         if main_process:
@@ -477,8 +499,15 @@ def train(cfg: ExperimentConfig) -> dict:
             warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
             step_fn = step_fn.lower(state, batch["x"], batch["y"]).compile()
         compile_seconds = time.perf_counter() - tick
+        diag_note = ""
+        if diag_fn is not None:
+            tick = time.perf_counter()
+            diag_fn = diag_fn.lower(state, batch["x"], batch["y"]).compile()
+            diag_seconds = time.perf_counter() - tick
+            compile_seconds += diag_seconds
+            diag_note = f" (diagnostics every {every} steps: {diag_seconds:.1f} s of it)"
         if main_process:
-            print(f"compiled in {compile_seconds:.1f} s", flush=True)
+            print(f"compiled in {compile_seconds:.1f} s{diag_note}", flush=True)
     except BaseException:
         if checkpointer is not None:
             checkpointer.close()
@@ -492,10 +521,14 @@ def train(cfg: ExperimentConfig) -> dict:
     start = time.perf_counter()
     window = [start, 0]  # time of the last report, steps since
 
-    def consume(step: int, metrics: dict) -> None:
-        """Read one step's metrics on the host: stop on NaN/inf, report every ``log_every``."""
+    def consume(step: int, metrics: dict, diagnostics: dict) -> None:
+        """Read one step's metrics on the host: stop on NaN/inf, report every ``log_every``,
+        and write a row whenever the step has diagnostics."""
         nonlocal last_metrics
         values = {k: float(v) for k, v in metrics.items()}
+        # Diagnostics never stop a run (they do not change it); a non-finite one is written null.
+        extra = {k: float(v) for k, v in diagnostics.items()}
+        extra = {k: v if math.isfinite(v) else None for k, v in extra.items()}
         if not all(math.isfinite(v) for v in values.values()):
             bad = ", ".join(f"{k}={v}" for k, v in values.items() if not math.isfinite(v))
             raise TrainingError(
@@ -508,7 +541,9 @@ def train(cfg: ExperimentConfig) -> dict:
             now = time.perf_counter()
             rate = window[1] * run.batch_size / max(now - window[0], 1e-9)
             window[:] = [now, 0]
-            progress.report(step, values, rate, (run.steps - step) * run.batch_size / rate)
+            progress.report(step, values, rate, (run.steps - step) * run.batch_size / rate, extra)
+        elif extra:
+            progress.record(step, {**values, **extra})
 
     def checkpoint(step: int, *, force: bool = False) -> None:
         nonlocal saved_step
@@ -524,11 +559,15 @@ def train(cfg: ExperimentConfig) -> dict:
             while step < run.steps and stop.received is None:
                 if step > start_step:
                     batch = global_batch(next(data_iter), mesh)
+                diagnostics = {}
+                if diag_fn is not None and (step + 1) % every == 0:
+                    # Dispatched before the step, which donates the state and the batch it reads.
+                    diagnostics = diag_fn(state, batch["x"], batch["y"])
                 state, metrics = step_fn(state, batch["x"], batch["y"])
                 step += 1
                 if previous is not None:
                     consume(*previous)
-                previous = (step, metrics)
+                previous = (step, metrics, diagnostics)
                 if step % run.checkpoint_every == 0 and step < run.steps:
                     consume(*previous)  # only a state whose loss is finite is saved
                     previous = None

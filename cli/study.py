@@ -1,0 +1,110 @@
+"""Paired A/B studies of Dispersive Loss: ``python -m cli.study table2 --out studies/table2``.
+
+Trains every arm of a built-in study (the paper's Tables 2-4, its two recipes, Fig. 4's models)
+for every seed under one fixed protocol, samples, evaluates (FID-classifier) and analyses each
+run, then writes ``results.md``, ``results.html`` and ``results.json`` with per-arm means and the
+paired difference to the baseline with its 95% Student-t interval. Resumable: rerun the same
+command after a kill. ``--dry-run`` prints the plan and its estimated time.
+"""
+
+import dataclasses
+import pathlib
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import tyro
+
+
+@dataclass(frozen=True)
+class StudyArgs:
+    """Run a built-in study into a directory (rerun to resume)."""
+
+    study: tyro.conf.Positional[Literal["table2", "table3", "table4", "recipes", "models"]]
+    """Which study."""
+    out: str | None = None
+    """Directory of the runs and results (default: ``studies/<study>``)."""
+    steps: int | None = None
+    """Training steps per run (default: the study's protocol)."""
+    seeds: int | None = None
+    """Paired seeds (default: the study's protocol)."""
+    samples: int | None = None
+    """Images sampled per run (default: the study's protocol)."""
+    sampler_steps: int | None = None
+    """Sampler grid points (default: the preset's sampler)."""
+    dry_run: bool = False
+    """Print the plan and its estimated time; train nothing."""
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=pathlib.Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from analysis import AnalysisError
+
+    try:
+        return _main(argv)
+    except AnalysisError as error:  # bad input: one line, as cli._entry does for eqdisp's errors
+        sys.exit(f"error: {error}")
+
+
+def _main(argv: list[str] | None) -> dict:
+    args = tyro.cli(StudyArgs, prog="python -m cli.study", args=argv, description=__doc__)
+    from analysis.study import (
+        STUDIES,
+        estimate_seconds,
+        plan,
+        real_digits_fid,
+        run_study,
+        summarize,
+        write_results,
+    )
+    from eqdisp.bench import cpu_info
+
+    study = STUDIES[args.study]
+    budget = {k: getattr(args, k) for k in ("steps", "seeds", "samples", "sampler_steps") if getattr(args, k) is not None}
+    study = dataclasses.replace(study, protocol=dataclasses.replace(study.protocol, **budget))
+    out = pathlib.Path(args.out or f"studies/{study.name}")
+    units = plan(study, out)
+    left = sum(1 for _, _, r in units if r is None)
+    print(f"{study.name}: {study.description}")
+    print(f"protocol: {study.protocol}")
+    print(f"arms: {', '.join(a.name for a in study.arms)} (baseline: {study.baseline.name})")
+    print(f"runs: {len(units)} ({len(study.arms)} arms x {study.protocol.seeds} seeds), {left} to do")
+    if args.dry_run:
+        seconds = estimate_seconds(study, out)
+        print(f"estimated time of the runs to do: {seconds / 3600:.1f} h ({seconds:.0f} s)")
+        return {"runs": len(units), "to_do": left, "estimated_seconds": seconds}
+    tick = time.perf_counter()
+    results = run_study(study, out)
+    real = real_digits_fid(out, study.protocol)
+    summary = summarize(study, results, real=real)
+    cpu = cpu_info()
+    machine = (
+        f"Commit: `{_commit()}`; machine: {cpu.get('model')} ({', '.join(cpu.get('isa', []))}), "
+        f"{cpu.get('cores')} cores, {platform.system()}; wall time of this invocation: "
+        f"{(time.perf_counter() - tick) / 60:.1f} min; sum of run times: "
+        f"{sum(r['seconds'] for r in results) / 3600:.2f} h."
+    )
+    command = f"Command: `python -m cli.study {shlex.join(sys.argv[1:] if argv is None else argv)}`"
+    header = [command, machine]
+    files = write_results(study, out, summary, results, header=header)
+    print("\n".join(str(f) for f in files))
+    return summary
+
+
+if __name__ == "__main__":
+    from cli._entry import run
+
+    run(main)

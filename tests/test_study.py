@@ -1,0 +1,122 @@
+"""Studies: the Student-t interval against known answers, pairing, resuming a killed study."""
+
+import json
+import math
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_t_quantiles_and_the_paired_interval_match_known_answers():
+    from scipy import stats as scipy_stats
+
+    from analysis.study import paired_interval, t_cdf, t_quantile
+
+    for df in (1, 2, 4, 9, 30, 200):
+        for p in (0.6, 0.9, 0.975, 0.995):
+            assert t_quantile(p, df) == pytest.approx(scipy_stats.t.ppf(p, df), rel=1e-9, abs=1e-9)
+        assert t_cdf(-1.3, df) == pytest.approx(scipy_stats.t.cdf(-1.3, df), rel=1e-10)
+    assert t_quantile(0.975, 4) == pytest.approx(2.7764451052, abs=1e-9)  # the printed tables' value
+
+    # Differences 1..5: mean 3, sd sqrt(2.5), half-width t(0.975, 4) * sd / sqrt(5).
+    paired = paired_interval([11.0, 12.0, 13.0, 14.0, 15.0], [10.0] * 5)
+    half = 2.7764451052 * math.sqrt(2.5) / math.sqrt(5)
+    assert (paired.n, paired.mean) == (5, 3.0)
+    assert paired.std == pytest.approx(math.sqrt(2.5))
+    assert (paired.low, paired.high) == pytest.approx((3 - half, 3 + half))
+    assert paired.excludes_zero
+    assert not paired_interval([1.0, -1.0, 2.0], [0.0, 0.0, 0.0]).excludes_zero
+    one = paired_interval([1.0], [0.0])
+    assert one.mean == 1.0 and math.isnan(one.low) and math.isnan(one.high)
+    with pytest.raises(ValueError, match="2 arm values for 3 baseline values"):
+        paired_interval([1.0, 2.0], [0.0, 0.0, 0.0])
+
+
+def test_arms_are_cli_train_options_checked_before_anything_runs(tmp_path):
+    from analysis import AnalysisError
+    from analysis.study import STUDIES, Arm, Protocol, Study, run_study
+
+    for study in STUDIES.values():  # every built-in arm parses
+        for arm in study.arms:
+            cfg = study.config(arm, 3, tmp_path)
+            assert cfg.train.seed == 3 and cfg.train.steps == study.protocol.steps
+            assert cfg.train.sample_count == 0
+    table2 = STUDIES["table2"]
+    assert len(table2.arms) == 13 and table2.protocol.seeds >= 5
+    assert STUDIES["table3"].protocol.seeds >= 3 and STUDIES["table4"].protocol.seeds >= 3
+    restricted = table2.config(table2.arms[-1], 0, tmp_path).disp
+    assert (restricted.variant, restricted.contrastive) == ("covariance", "restricted")
+
+    short = Study("short", "", table2.arms[:2], Protocol(steps=50))
+    with pytest.raises(AnalysisError, match="steps=50 is not allowed with sit-tiny's 100 warm-up steps"):
+        short.config(short.arms[1], 0, tmp_path)
+    assert table2.config(table2.arms[1], 0, tmp_path).optim.decay_steps == table2.protocol.steps
+    bad = Study("bad", "", (Arm("base", ("--disp.variant", "none")), Arm("typo", ("--disp.wieght", "1"))))
+    with pytest.raises(AnalysisError, match=r"arm 'typo': '--disp.wieght 1' are not valid cli.train options"):
+        run_study(bad, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+_STUDY = """
+import sys
+from analysis.study import Arm, Protocol, Study, run_study
+CONSTANT = ("--optim.schedule", "constant")  # 3 steps: shorter than the preset's cosine warm-up
+study = Study(
+    "pairing", "weight 0 vs none",
+    (Arm("none", ("--disp.variant", "none") + CONSTANT), Arm("weight0", ("--disp.weight", "0") + CONSTANT)),
+    Protocol(steps=3, seeds=1, samples=16, sampler_steps=3, examples=32),
+)
+run_study(study, sys.argv[1])
+"""
+
+
+def test_a_killed_study_resumes_and_paired_arms_differ_only_in_the_regulariser(tmp_path):
+    """`--disp.weight 0` and `--disp.variant none` are the same experiment: identical weights and
+    FID. The study is killed after its first run and resumed without redoing it."""
+    import jax
+    import jax.numpy as jnp
+
+    import eqdisp
+    from analysis.study import Arm, Protocol, Study, read_result, summarize
+
+    out = tmp_path / "study"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", _STUDY, str(out)], env=env, stderr=subprocess.PIPE, text=True)
+    first = out / "none" / "seed-0" / "study-result.json"
+    deadline = time.monotonic() + 600
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert first.exists(), proc.stderr.read()[-2000:]
+    stamp = first.stat().st_mtime_ns
+
+    constant = ("--optim.schedule", "constant")
+    study = Study(
+        "pairing", "weight 0 vs none",
+        (Arm("none", ("--disp.variant", "none") + constant), Arm("weight0", ("--disp.weight", "0") + constant)),
+        Protocol(steps=3, seeds=1, samples=16, sampler_steps=3, examples=32),
+    )
+    # The rerun, in a process of its own too: hours of a study's work never share the test process.
+    rerun = subprocess.run([sys.executable, "-c", _STUDY, str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "1 of 2 runs already done" in rerun.stderr
+    assert first.stat().st_mtime_ns == stamp  # the finished run was not redone
+    results = [read_result(study, out, arm, 0) for arm in study.arms]
+    none, weight0 = results
+    assert none["fid"] == weight0["fid"] and none["analysis"] == weight0["analysis"]
+    a = jax.tree.leaves(eqdisp.load_checkpoint(out / "none" / "seed-0").state.ema)
+    b = jax.tree.leaves(eqdisp.load_checkpoint(out / "weight0" / "seed-0").state.ema)
+    assert all(bool(jnp.array_equal(x, y)) for x, y in zip(a, b, strict=True))
+
+    summary = summarize(study, results)
+    diff = summary["arms"][1]["fid_diff"]
+    assert diff["n"] == 1 and diff["mean"] == 0.0
+    assert json.loads((out / "study.json").read_text())["protocol"]["steps"] == 3
