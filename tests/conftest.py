@@ -5,6 +5,8 @@ so every jaxtyping annotation in the library is checked while the tests run. Imp
 inside tests or fixtures, not at the top of this file, so the import hook can instrument them.
 """
 
+import gc
+
 import jax
 import pytest
 
@@ -23,3 +25,17 @@ def getkey():
         return subkey
 
     return _getkey
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Free every compiled program after each test file.
+
+    XLA:CPU maps the code of each compiled kernel into its own memory regions, and jax keeps every
+    program it compiled for the life of the process. The whole suite in one process compiles
+    enough to pass Linux's default limit of 65,530 mappings per process (``vm.max_map_count``),
+    and the compiler then crashes (a segfault or abort in whichever test compiles next).
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()

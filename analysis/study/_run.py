@@ -205,8 +205,23 @@ def estimate_seconds(study: Study, out: pathlib.Path) -> float:
     return left * per_run
 
 
+def _release_compiled_programs() -> None:
+    """Drop every program jax has compiled: each run compiles its own (its closures differ), and
+    XLA:CPU maps each compiled kernel into memory regions of its own, so a long study in one
+    process would otherwise reach Linux's limit of 65,530 mappings and crash the compiler."""
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
 def run_study(study: Study, out: str | os.PathLike, *, progress: bool = True) -> list[dict]:
     """Run every unfinished (seed, arm) of `study` into `out` and return all results.
+
+    Clears jax's caches of compiled programs after each run (`jax.clear_caches`), the caller's
+    included.
 
     **Raises:** `AnalysisError` (one line) for an arm whose flags `cli.train` rejects (checked for
     every arm before anything runs), and whatever training, sampling or evaluation raise.
@@ -227,6 +242,7 @@ def run_study(study: Study, out: str | os.PathLike, *, progress: bool = True) ->
     for i, (seed, arm) in enumerate(todo):
         result = _one_run(study, out, arm, seed)
         _write_json(study.run_dir(out, arm, seed) / RESULT, result)
+        _release_compiled_programs()
         durations.append(result["seconds"])
         left = len(todo) - i - 1
         say(
