@@ -64,17 +64,16 @@ def test_arms_are_cli_train_options_checked_before_anything_runs(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-_STUDY = """
-import sys
-from analysis.study import Arm, Protocol, Study, run_study
-CONSTANT = ("--optim.schedule", "constant")  # 3 steps: shorter than the preset's cosine warm-up
-study = Study(
-    "pairing", "weight 0 vs none",
-    (Arm("none", ("--disp.variant", "none") + CONSTANT), Arm("weight0", ("--disp.weight", "0") + CONSTANT)),
-    Protocol(steps=3, seeds=1, samples=16, sampler_steps=3, examples=32),
-)
-run_study(study, sys.argv[1])
-"""
+def test_the_dry_run_estimate_times_a_short_run_of_the_baseline(tmp_path):
+    from analysis.study import STUDIES, estimate_seconds
+
+    table2 = STUDIES["table2"]  # its 1,500-step cosine protocol, probed with 20 steps
+    seconds = estimate_seconds(table2, tmp_path / "none-done")
+    assert 65 * 1500 * 0.001 < seconds < 65 * 3600  # more than 1 ms a step, less than 1 h a run
+
+
+WORKER = [sys.executable, str(REPO / "tests" / "study_worker.py")]
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 
 def test_a_killed_study_resumes_and_paired_arms_differ_only_in_the_regulariser(tmp_path):
@@ -84,11 +83,12 @@ def test_a_killed_study_resumes_and_paired_arms_differ_only_in_the_regulariser(t
     import jax.numpy as jnp
 
     import eqdisp
-    from analysis.study import Arm, Protocol, Study, read_result, summarize
+    from analysis.study import read_result, summarize
+
+    from study_worker import STUDY as study
 
     out = tmp_path / "study"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", _STUDY, str(out)], env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*WORKER, str(out)], env=ENV, stderr=subprocess.PIPE, text=True)
     first = out / "none" / "seed-0" / "study-result.json"
     deadline = time.monotonic() + 600
     while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -98,14 +98,8 @@ def test_a_killed_study_resumes_and_paired_arms_differ_only_in_the_regulariser(t
     assert first.exists(), proc.stderr.read()[-2000:]
     stamp = first.stat().st_mtime_ns
 
-    constant = ("--optim.schedule", "constant")
-    study = Study(
-        "pairing", "weight 0 vs none",
-        (Arm("none", ("--disp.variant", "none") + constant), Arm("weight0", ("--disp.weight", "0") + constant)),
-        Protocol(steps=3, seeds=1, samples=16, sampler_steps=3, examples=32),
-    )
     # The rerun, in a process of its own too: hours of a study's work never share the test process.
-    rerun = subprocess.run([sys.executable, "-c", _STUDY, str(out)], env=env, capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run([*WORKER, str(out)], env=ENV, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "1 of 2 runs already done" in rerun.stderr
     assert first.stat().st_mtime_ns == stamp  # the finished run was not redone
@@ -120,3 +114,53 @@ def test_a_killed_study_resumes_and_paired_arms_differ_only_in_the_regulariser(t
     diff = summary["arms"][1]["fid_diff"]
     assert diff["n"] == 1 and diff["mean"] == 0.0
     assert json.loads((out / "study.json").read_text())["protocol"]["steps"] == 3
+
+
+def _unit_processes(out: pathlib.Path) -> list[int]:
+    """Pids of the runs of the study in `out` that are still alive (Linux /proc)."""
+    pids = []
+    for entry in pathlib.Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"analysis.study._unit" in command and str(out).encode() in command:
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two runs at a time need 2 cores")
+def test_runs_in_parallel_processes_pair_resume_and_die_with_the_study(tmp_path):
+    """Two runs at a time, each in its own 1-core process: killing the study kills its runs, the
+    rerun finishes them, and the paired arms still agree exactly."""
+    from analysis import AnalysisError
+    from analysis.study import cores_per_run, plan, read_result, run_study
+
+    from study_worker import STUDY as study
+
+    with pytest.raises(AnalysisError, match=r"jobs=99 is not allowed: expected 1 to \d+"):
+        run_study(study, tmp_path / "bad", jobs=99)
+
+    out = tmp_path / "parallel"
+    proc = subprocess.Popen([*WORKER, str(out), "2"], env=ENV, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while len(_unit_processes(out)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(_unit_processes(out)) == 2, proc.stderr.read()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while _unit_processes(out) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _unit_processes(out), "the runs outlived the killed study"
+
+    rerun = subprocess.run([*WORKER, str(out), "2"], env=ENV, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    share = cores_per_run(2)
+    none, weight0 = (read_result(study, out, arm, 0, cores=share) for arm in study.arms)
+    assert none["identity"]["cores"] == share
+    assert none["fid"] == weight0["fid"] and none["analysis"] == weight0["analysis"]
+    # Finished on `share` cores: done for two at a time, to be redone for one run on all cores.
+    assert all(r is not None for *_, r in plan(study, out, jobs=2))
+    if cores_per_run(1) != share:
+        assert all(r is None for *_, r in plan(study, out, jobs=1))

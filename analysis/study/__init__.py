@@ -2,7 +2,7 @@
 
 - `Study`, `Arm`, `Protocol` and the built-in `STUDIES` (the paper's Tables 2-4, its two recipes,
   and Fig. 4's models) — `_plan`.
-- `run_study` (resumable, seed by seed), `plan`, `estimate_seconds`, `real_digits_fid` — `_run`.
+- `run_study` (resumable, seed by seed, one or several runs at a time), `cores_per_run`, `plan`, `estimate_seconds`, `real_digits_fid` — `_run`.
 - `summarize`, `markdown`, `write_results` — `_report`; `paired_interval`, `t_quantile` — `_stats`.
 
 Within a seed every arm shares the initial weights, the data order and every noise, time and
@@ -11,7 +11,14 @@ label-dropout draw (all derive from ``train.seed`` alone), so only the regularis
 
 from ._plan import STUDIES, Arm, Protocol, Study, arm_config
 from ._report import markdown, summarize, write_results
-from ._run import estimate_seconds, plan, read_result, real_digits_fid, run_study
+from ._run import (
+    cores_per_run,
+    estimate_seconds,
+    plan,
+    read_result,
+    real_digits_fid,
+    run_study,
+)
 from ._stats import Paired, mean_std, paired_interval, t_cdf, t_quantile
 
 __all__ = [
@@ -21,6 +28,7 @@ __all__ = [
     "Protocol",
     "Study",
     "arm_config",
+    "cores_per_run",
     "estimate_seconds",
     "markdown",
     "mean_std",
