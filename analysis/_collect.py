@@ -4,7 +4,7 @@ Every run is analysed on identical inputs: the same data examples `x1`, labels `
 (drawn once from `seed`) and times `t`. Times follow SiT (`eqdisp.transport`): `t = 0` is pure
 noise, `t = 1` is data; the noisy input is `x_t = alpha_t x1 + sigma_t x0`. DiT runs are noised
 with their own Gaussian diffusion at the same fraction of its step range, counted from the data
-end: step `round((1 - t) * (T - 1))` (`model_time`).
+end: step `round((1 - t) * (T - 1))` (each objective's `model_time`).
 
 The work is batched (`jax.vmap` over examples, a Python loop over batches and times only) and
 reduced per time on device: only the reduced metrics and the token-pooled features (for the
@@ -306,21 +306,10 @@ class Progress:
 # Collection
 
 
-def model_time(objective: eqdisp.Objective, t: float) -> float:
-    """The time the model was trained with for the analysis time `t` (SiT's: 1 is data).
-
-    SiT's transport takes `t` as it is; DiT's diffusion takes the step `round((1 - t) * (T - 1))`
-    (step 0 is the least noisy).
-    """
-    if isinstance(objective, eqdisp.GaussianDiffusion):
-        return float(round((1.0 - t) * (objective.num_timesteps - 1)))
-    return t
-
-
 @eqx.filter_jit
 def _forward_blocks(
     model: eqx.Module,
-    objective: eqdisp.Objective,
+    objective: eqdisp.AbstractObjective,
     x0: Float[Array, "b c h w"],
     x1: Float[Array, "b c h w"],
     y: Int[Array, " b"],
@@ -502,7 +491,7 @@ def collect(
     split = spectra and _has_both_pair_kinds(labels)
     per_t: list[dict] = []
     for t in options.t:
-        tt = jnp.asarray(model_time(objective, t), jnp.float32)
+        tt = jnp.asarray(objective.model_time(t), jnp.float32)
         z = forward(y, tt)
         reduced = jax.device_get(
             _reduce(z, spectra=spectra, tau=options.tau, group_size=options.group_size)

@@ -7,7 +7,10 @@ The public API is re-exported here; the modules behind it are:
 - ``eqdisp.transport``: SiT's interpolants and training loss (the time convention is documented there).
 - ``eqdisp.samplers``: ODE/SDE samplers and classifier-free guidance.
 - ``eqdisp.diffusion``: DiT's Gaussian diffusion (eps prediction, learned variance, DDPM).
-- ``eqdisp.objective``: the training loss, diffusion + lambda x dispersive.
+- ``eqdisp.objective``: ``AbstractObjective`` (what the loop, samplers and analysis need of an
+  objective) and the training loss, objective + lambda x dispersive.
+- ``eqdisp.families``: which objective a model family trains with (``make_objective``).
+- ``eqdisp.meanflow``: MeanFlow's target, loss and one-/few-step sampler (pure functions).
 - ``eqdisp.train``: the train state, the compiled step, Orbax checkpoints and the loop.
 - ``eqdisp.data``, ``eqdisp.sharding``: Grain pipelines; device meshes and shardings.
 - ``eqdisp.config``: frozen configuration dataclasses and named presets.
@@ -99,19 +102,11 @@ from .models import (
 from .models import (
     parse_model_name as parse_model_name,
 )
-from .objective import (
-    Objective as Objective,
-)
-from .objective import (
-    diffusion_loss as diffusion_loss,
-)
-from .objective import (
-    draw_samples as draw_samples,
-)
+from .families import make_objective as make_objective
+from .objective import AbstractNoisingObjective as AbstractNoisingObjective
+from .objective import AbstractObjective as AbstractObjective
 from .objective import loss_terms as loss_terms
-from .objective import (
-    make_objective as make_objective,
-)
+from .objective import training_loss as training_loss
 from .samplers import (
     cfg_velocity as cfg_velocity,
 )

@@ -16,10 +16,9 @@ float64 NumPy when first needed and kept as host constants: they are never modul
 arguments or trainable. DiT indexes a float64 table and then casts to float32; eqdisp casts each
 table to float32 and then indexes it, which gives the same numbers (the cast is elementwise).
 
-:class:`GaussianDiffusion` has the duck-typed interface of :class:`eqdisp.transport.Transport`
-that :func:`eqdisp.objective.diffusion_loss` uses (``sample_train_time``, ``interpolate``, ``loss``,
-``train_interval``). Sampling: :func:`ddpm_sample` (DiT's ``p_sample_loop`` on the respaced
-schedule, what ``sample.py`` runs) and :func:`ddim_sample`.
+:class:`GaussianDiffusion` is an :class:`eqdisp.objective.AbstractNoisingObjective`, like SiT's
+:class:`eqdisp.transport.Transport`. Sampling: :func:`ddpm_sample` (DiT's ``p_sample_loop`` on the
+respaced schedule, what ``sample.py`` runs) and :func:`ddim_sample`.
 """
 
 import dataclasses
@@ -34,7 +33,8 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray, Real
 
-from .config import ConfigError
+from .config import ConfigError, SamplerConfig
+from .objective import AbstractNoisingObjective
 
 TimeLike = Real[ArrayLike, ""]
 """A scalar step index ``0..T-1`` (an integer or an integer-valued float)."""
@@ -284,8 +284,9 @@ def _index(t: TimeLike) -> Int[Array, ""]:
 # The training objective
 
 
-class GaussianDiffusion(eqx.Module):
-    """DiT's ``GaussianDiffusion`` for training: eps prediction, LEARNED_RANGE variance, hybrid loss.
+class GaussianDiffusion(AbstractNoisingObjective):
+    """DiT's objective: ``GaussianDiffusion`` with eps prediction, LEARNED_RANGE variance, the
+    hybrid loss, and ancestral DDPM sampling (:func:`ddpm_sample`).
 
     Holds no arrays: the float64 tables are host constants derived from the static fields (see
     the module docstring for the time convention). Build with :func:`make_diffusion`.
@@ -340,6 +341,46 @@ class GaussianDiffusion(eqx.Module):
         a = _gather(self.tables, "sqrt_alphas_cumprod", index).astype(x1.dtype)
         s = _gather(self.tables, "sqrt_one_minus_alphas_cumprod", index).astype(x0.dtype)
         return a * x1 + s * x0, x0
+
+    def snap_time(self, t: Float[Array, " batch"]) -> Float[Array, " batch"]:
+        """DiT's steps are integers: a second view's time is rounded to one."""
+        return jnp.round(t)
+
+    def draw_samples(
+        self,
+        model: eqx.Module,
+        x_init: Float[Array, "batch c h w"],
+        y: Int[Array, " batch"],
+        *,
+        key: PRNGKeyArray,
+        config: SamplerConfig,
+    ) -> Float[Array, "batch c h w"]:
+        """DiT's ancestral DDPM, :func:`ddpm_sample`; ``config.steps`` is the number of respaced
+        steps (DiT's ``--num-sampling-steps``)."""
+        return ddpm_sample(
+            model,
+            x_init,
+            y,
+            key=key,
+            diffusion=self,
+            steps=config.steps,
+            cfg_scale=config.cfg_scale,
+            cfg_channels=config.cfg_channels,
+        )
+
+    def sampler_evaluations(self, config: SamplerConfig) -> int:
+        """One evaluation a respaced step."""
+        return config.steps
+
+    def describe_sampler(self, config: SamplerConfig) -> str:
+        text = f"DDPM, {config.steps} steps = {config.steps} evaluations each"
+        if config.cfg_scale != 1.0:
+            text += f", guidance {config.cfg_scale:g} doubles the batch"
+        return text
+
+    def model_time(self, t: float) -> float:
+        """The step ``round((1 - t) (T - 1))`` (step 0 is the least noisy)."""
+        return float(round((1.0 - t) * (self.num_timesteps - 1)))
 
     def loss(
         self,

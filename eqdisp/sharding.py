@@ -27,7 +27,7 @@ a device; build the mesh with `make_mesh`; feed each process's slice through `gl
 initialize_distributed()                      # before anything touches a device
 mesh = make_mesh(cfg.train.fsdp)
 state = shard_state(init_train_state(model, optimizer, key=key), mesh)  # same seed everywhere
-step = make_train_step(optimizer, transport, cfg.disp, ema_decay=..., mesh=mesh)
+step = make_train_step(optimizer, objective, cfg.disp, ema_decay=..., mesh=mesh)
 # x, y: this process's batch_size // jax.process_count() examples (its consecutive slice)
 batch = global_batch({"x": x, "y": y}, mesh)
 state, metrics = step(state, batch["x"], batch["y"])

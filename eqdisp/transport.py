@@ -31,9 +31,10 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Real
+from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray, Real
 
-from .config import LossWeight, PathType, Prediction, TransportConfig
+from .config import LossWeight, PathType, Prediction, SamplerConfig, TransportConfig
+from .objective import AbstractNoisingObjective
 
 TimeLike = Real[ArrayLike, ""]
 """A scalar time: a Python number or a 0-d array (see the module docstring for the convention)."""
@@ -426,8 +427,9 @@ def training_loss(
 # The bundle
 
 
-class Transport(eqx.Module):
-    """A :class:`~eqdisp.config.TransportConfig` turned into its path, intervals and conversions.
+class Transport(AbstractNoisingObjective):
+    """SiT's objective: a :class:`~eqdisp.config.TransportConfig` turned into its path,
+    intervals, loss, conversions and sampler (:func:`eqdisp.samplers.sample`).
 
     Holds no arrays. Build it with :func:`make_transport`. Time convention: module docstring.
     """
@@ -485,6 +487,48 @@ class Transport(eqx.Module):
             prediction=self.config.prediction,
             loss_weight=self.config.loss_weight,
         )
+
+    def draw_samples(
+        self,
+        model: eqx.Module,
+        x_init: Float[Array, "batch c h w"],
+        y: Int[Array, " batch"],
+        *,
+        key: PRNGKeyArray,
+        config: SamplerConfig,
+    ) -> Float[Array, "batch c h w"]:
+        """SiT's ODE or SDE sampler, :func:`eqdisp.samplers.sample`."""
+        from .samplers import sample  # samplers imports this module for its paths
+
+        return sample(model, x_init, y, key=key, transport=self, config=config)
+
+    def sampler_evaluations(self, config: SamplerConfig) -> int | None:
+        """SiT's counting: Heun ``2 (steps - 1)``, Euler ``steps - 1``; the SDE's ``steps - 1``
+        stochastic steps, then one evaluation for the last step unless it is ``none``; None for
+        ``dopri5``, whose steps are adaptive."""
+        steps = config.steps
+        if config.mode == "ode":
+            return {"heun": 2 * (steps - 1), "euler": steps - 1}.get(config.ode_method)
+        last = 0 if config.last_step == "none" else 1
+        return (2 if config.sde_method == "heun" else 1) * (steps - 1) + last
+
+    def describe_sampler(self, config: SamplerConfig) -> str:
+        nfe = self.sampler_evaluations(config)
+        if nfe is None:
+            text = f"ODE dopri5, adaptive evaluations (rtol {config.rtol:g}, atol {config.atol:g})"
+        else:
+            method = config.ode_method if config.mode == "ode" else config.sde_method
+            text = f"{config.mode.upper()} {method}, {config.steps} grid points = {nfe} evaluations each"
+        if config.cfg_scale != 1.0:
+            text += f", guidance {config.cfg_scale:g} doubles the batch"
+            low, high = config.cfg_interval
+            if low > 0.0 or high < 1.0:
+                text += f" for t in [{low:g}, {high:g}]"
+        return text
+
+    def model_time(self, t: float) -> float:
+        """SiT's time is eqdisp's: `t` as it is."""
+        return t
 
     def model_score(
         self, out: Float[Array, "*x"], x: Float[Array, "*x"], t: TimeLike

@@ -58,7 +58,7 @@ def setup():
     ys = rng.integers(0, 10, (STEPS, BATCH)).astype(np.int32)
     kwargs = {
         "optimizer": optimizer,
-        "transport": eqdisp.make_transport(TransportConfig()),
+        "objective": eqdisp.make_transport(TransportConfig()),
         "disp": DispConfig(variant="infonce_l2", weight=0.5, group_size=8),
         "ema_decay": 0.9,
     }

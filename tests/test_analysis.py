@@ -204,11 +204,10 @@ def test_probes_separable_and_shuffled():
 def test_model_time_maps_sit_time_to_dit_steps():
     """DiT runs are noised at the same fraction of their step range (step 0 is the data end)."""
     import eqdisp
-    from analysis._collect import model_time
 
     transport, diffusion = eqdisp.make_transport(eqdisp.TransportConfig()), eqdisp.make_diffusion()
-    assert [model_time(transport, t) for t in (0.0, 0.3, 1.0)] == [0.0, 0.3, 1.0]
-    assert [model_time(diffusion, t) for t in (0.0, 0.5, 0.9, 1.0)] == [999.0, 500.0, 100.0, 0.0]
+    assert [transport.model_time(t) for t in (0.0, 0.3, 1.0)] == [0.0, 0.3, 1.0]
+    assert [diffusion.model_time(t) for t in (0.0, 0.5, 0.9, 1.0)] == [999.0, 500.0, 100.0, 0.0]
 
 
 def test_parse_blocks_and_options_errors():

@@ -678,7 +678,7 @@ def test_convert_checkpoint_writes_a_run_that_loads_back(tmp_path):
     import eqdisp
     from eqdisp.convert import ConvertError, convert_checkpoint, torch_state_dict_to_model
     from eqdisp.diffusion import GaussianDiffusion
-    from eqdisp.objective import make_objective
+    from eqdisp import make_objective
 
     state = _synthetic_state()
     ckpt = _training_checkpoint(tmp_path / "ckpt.pt", state, args=_sit_args(disp=True))

@@ -611,7 +611,7 @@ def dit_batch():
 
 
 def test_objective_wiring_with_gaussian_diffusion(dit_batch, getkey):
-    """``objective.diffusion_loss``'s body runs on a GaussianDiffusion and computes DiT's loss."""
+    """``objective.training_loss``'s body runs on a GaussianDiffusion and computes DiT's loss."""
     import eqdisp.objective
     from eqdisp.config import DispConfig
     from eqdisp.diffusion import make_diffusion
@@ -620,11 +620,11 @@ def test_objective_wiring_with_gaussian_diffusion(dit_batch, getkey):
     diffusion = make_diffusion()
     key = getkey()
     # The body, bypassing the boundary's type check (see the next test).
-    body = inspect.unwrap(eqdisp.objective.diffusion_loss)
+    body = inspect.unwrap(eqdisp.objective.training_loss)
     disp = DispConfig(group_size=None)
 
     def by_hand(model, x1, y, key):
-        # The same randomness as diffusion_loss.
+        # The same randomness as training_loss.
         key_noise, key_time, key_drop, _ = jr.split(key, 4)
         x0 = jr.normal(key_noise, x1.shape)
         t = jr.randint(key_time, (4,), 0, T).astype(jnp.float32)
@@ -635,7 +635,7 @@ def test_objective_wiring_with_gaussian_diffusion(dit_batch, getkey):
 
     @eqx.filter_jit
     def both(model, x1, y, key):  # one compilation
-        return body(model, x1, y, key=key, transport=diffusion, disp=disp), by_hand(
+        return body(model, x1, y, key=key, objective=diffusion, disp=disp), by_hand(
             model, x1, y, key
         )
 
@@ -646,13 +646,42 @@ def test_objective_wiring_with_gaussian_diffusion(dit_batch, getkey):
     )
 
 
-def test_objective_diffusion_loss_accepts_gaussian_diffusion(dit_batch, getkey):
+def test_objective_training_loss_accepts_gaussian_diffusion(dit_batch, getkey):
     import eqdisp.objective
     from eqdisp.config import DispConfig
     from eqdisp.diffusion import make_diffusion
 
     model, x1, y = dit_batch
-    loss, metrics = eqdisp.objective.diffusion_loss(
-        model, x1, y, key=getkey(), transport=make_diffusion(), disp=DispConfig(group_size=None)
+    loss, metrics = eqdisp.objective.training_loss(
+        model, x1, y, key=getkey(), objective=make_diffusion(), disp=DispConfig(group_size=None)
     )
     assert bool(jnp.isfinite(loss)) and bool(jnp.isfinite(metrics["loss_diff"]))
+
+
+def test_a_dit_train_step_runs_under_the_type_checking_hook(getkey):
+    """`make_train_step` and `make_diagnostics` take any `AbstractObjective` (their signature once
+    said `Transport`, and building a DiT step raised the hook's TypeCheckError): one DiT step
+    gives the loss `training_loss` computes for the same key."""
+    import eqdisp
+    from eqdisp.config import DispConfig, ExperimentConfig, ModelConfig, OptimConfig
+    from eqdisp.objective import AbstractObjective
+
+    cfg = ExperimentConfig(
+        model=ModelConfig("DiT-T/2", input_size=8, in_channels=1, num_classes=10),
+        disp=DispConfig(group_size=4),
+    )
+    objective = eqdisp.make_objective(cfg)
+    assert isinstance(objective, AbstractObjective) and objective.learn_sigma
+    optimizer = eqdisp.make_optimizer(OptimConfig())
+    step = eqdisp.make_train_step(optimizer, objective, cfg.disp, ema_decay=0.9999)
+    eqdisp.make_diagnostics(objective, cfg.disp)
+    model = eqdisp.make_model(cfg.model, key=getkey())
+    state = eqdisp.init_train_state(model, optimizer, key=getkey())
+    x, y = jr.normal(getkey(), (8, 1, 8, 8)), jr.randint(getkey(), (8,), 0, 10)
+    key = jr.fold_in(state.key, state.step)
+    want, _ = eqx.filter_jit(eqdisp.training_loss)(
+        model, x, y, key=key, objective=objective, disp=cfg.disp
+    )
+    state, metrics = step(state, x, y)
+    assert int(state.step) == 1 and float(metrics["loss_disp"]) != 0.0
+    np.testing.assert_allclose(float(metrics["loss"]), float(want), rtol=1e-6)

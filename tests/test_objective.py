@@ -34,12 +34,12 @@ def _batch(key, n=16):
 
 def _loss_and_grad(model, x, y, key, disp):
     transport = eqdisp.make_transport(TransportConfig())
-    fn = eqx.filter_value_and_grad(eqdisp.diffusion_loss, has_aux=True)
-    return eqx.filter_jit(fn)(model, x, y, key=key, transport=transport, disp=disp)
+    fn = eqx.filter_value_and_grad(eqdisp.training_loss, has_aux=True)
+    return eqx.filter_jit(fn)(model, x, y, key=key, objective=transport, disp=disp)
 
 
 def _baseline(model, x1, y, key):
-    """SiT's loss written out by hand, with the same randomness as ``diffusion_loss``."""
+    """SiT's loss written out by hand, with the same randomness as ``training_loss``."""
     key_noise, key_time, key_drop, _ = jr.split(key, 4)
     x0 = jr.normal(key_noise, x1.shape)
     t = jr.uniform(key_time, (x1.shape[0],))
@@ -65,7 +65,7 @@ def test_zero_weight_compiles_to_the_baseline_program(getkey):
     transport = eqdisp.make_transport(TransportConfig())
 
     def hlo(disp):
-        fn = lambda m: eqdisp.diffusion_loss(m, x, y, key=key, transport=transport, disp=disp)[0]
+        fn = lambda m: eqdisp.training_loss(m, x, y, key=key, objective=transport, disp=disp)[0]
         return eqx.filter_jit(eqx.filter_grad(fn)).lower(model).as_text()
 
     assert hlo(DispConfig(weight=0.0)) == hlo(DispConfig(variant="none"))
@@ -101,7 +101,7 @@ def test_regulariser_gradient_stops_at_the_tapped_block(getkey):
     disp = DispConfig(blocks="2", weight=1.0)
 
     def disp_only(m):
-        return eqdisp.diffusion_loss(m, x, y, key=key, transport=transport, disp=disp)[1][
+        return eqdisp.training_loss(m, x, y, key=key, objective=transport, disp=disp)[1][
             "loss_disp"
         ]
 

@@ -129,13 +129,12 @@ class _Recorder(io.StringIO):
 def test_the_plan_line_counts_network_evaluations(options, expected):
     from eqdisp.config import SamplerConfig, TransportConfig
     from eqdisp.diffusion import make_diffusion
-    from eqdisp.objective import describe_sampler
     from eqdisp.transport import make_transport
 
     options = dict(options)
     dit = options.pop("diffusion", False)
     objective = make_diffusion() if dit else make_transport(TransportConfig())
-    assert describe_sampler(objective, SamplerConfig(**options)) == expected
+    assert objective.describe_sampler(SamplerConfig(**options)) == expected
 
 
 def test_sample_then_evaluate_reports_fid_classifier(tiny_run, tmp_path, tmp_path_factory, monkeypatch):

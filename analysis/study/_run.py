@@ -205,7 +205,7 @@ def estimate_seconds(study: Study, out: pathlib.Path, *, jobs: int = 1) -> float
         return left * float(np.mean(done)) / jobs
     import tempfile
 
-    from eqdisp.objective import make_objective, sampler_evaluations
+    from eqdisp import make_objective
     from eqdisp.train import train
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -217,7 +217,7 @@ def estimate_seconds(study: Study, out: pathlib.Path, *, jobs: int = 1) -> float
     sampler = cfg.sampler
     if study.protocol.sampler_steps is not None:
         sampler = dataclasses.replace(sampler, steps=study.protocol.sampler_steps)
-    nfe = sampler_evaluations(make_objective(cfg), sampler) or 100
+    nfe = make_objective(cfg).sampler_evaluations(sampler) or 100
     per_image_eval = step_seconds / cfg.train.batch_size / 3
     per_run = (
         study.protocol.steps * step_seconds

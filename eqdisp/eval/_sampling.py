@@ -37,7 +37,8 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ..config import SamplerConfig
 from ..images import save_grid, to_uint8
-from ..objective import Objective, describe_sampler, draw_samples, make_objective
+from ..families import make_objective
+from ..objective import AbstractObjective
 from ..sharding import batch_sharding, make_mesh, replicated
 from ._npz import EvalError, iter_npz, write_npz
 
@@ -59,7 +60,7 @@ def _sample_batch(
     key: PRNGKeyArray,
     y: Int[Array, " batch"],
     *,
-    transport: Objective,
+    objective: AbstractObjective,
     config: SamplerConfig,
     shape: tuple[int, int, int],
     sharding: jax.sharding.Sharding,
@@ -68,7 +69,7 @@ def _sample_batch(
     key_noise, key_sde = jr.split(key)
     x = jr.normal(key_noise, (y.shape[0], *shape), jnp.float32)
     x = jax.lax.with_sharding_constraint(x, sharding)
-    out = draw_samples(model, x, y, key=key_sde, objective=transport, config=config)
+    out = objective.draw_samples(model, x, y, key=key_sde, config=config)
     return out if decoder is None else decoder(out)
 
 
@@ -258,14 +259,14 @@ def generate(
     model = ckpt.ema if use_ema else ckpt.model
     params, static = eqx.partition(model, eqx.is_array)
     model = eqx.combine(jax.device_put(params, replicated(mesh)), static)
-    transport = make_objective(cfg)
+    objective = make_objective(cfg)
     shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
     root = jr.key(seed)
     bar = _Progress(num, min(resumed * batch_size, num), progress and writer)
     if progress and writer and resumed:
         print(f"resuming: {resumed}/{batches} batches already in {partial}", file=sys.stderr)
     static = dict(
-        transport=transport, config=sampler, shape=shape, sharding=sharding, decoder=decoder
+        objective=objective, config=sampler, shape=shape, sharding=sharding, decoder=decoder
     )
     program = None
     for b in todo:
@@ -294,7 +295,7 @@ def generate(
             estimate = _duration(compile_s + len(todo) * seconds)
             print(
                 f"sampling {num} images in {batches} batches of {batch_size}{left} "
-                f"({describe_sampler(transport, sampler)}); compile {_duration(compile_s)}, "
+                f"({objective.describe_sampler(sampler)}); compile {_duration(compile_s)}, "
                 f"first batch {seconds:.2f} s; estimated total {estimate}",
                 file=sys.stderr,
                 flush=True,

@@ -31,7 +31,7 @@ from ..data import make_dataset
 from ..images import save_grid
 from ..latents import latent_decoder, run_vae
 from ..models import make_model
-from ..objective import describe_sampler, draw_samples, make_objective, sampler_evaluations
+from ..families import make_objective
 from ..sharding import global_batch, initialize_distributed, make_mesh, shard_state
 from ._checkpoint import Checkpointer, CheckpointError, _one_line, config_to_dict, load_checkpoint
 from ._step import TrainState, init_train_state, make_diagnostics, make_optimizer, make_train_step
@@ -291,7 +291,7 @@ def _set_aside(directory: pathlib.Path, steps: list[int], out: pathlib.Path) -> 
 
 @eqx.filter_jit
 def _sample_chunk(model, x_init, y, key, objective, config):
-    return draw_samples(model, x_init, y, key=key, objective=objective, config=config)
+    return objective.draw_samples(model, x_init, y, key=key, config=config)
 
 
 @eqx.filter_jit
@@ -302,7 +302,7 @@ def _evaluate(model, x, t, y):
 def _seconds_per_image(model, cfg: ExperimentConfig, objective, x, y) -> float | None:
     """What one image of the grid costs: a timed network evaluation on a batch, times the
     sampler's evaluations (twice with guidance); None for an adaptive sampler."""
-    nfe = sampler_evaluations(objective, cfg.sampler)
+    nfe = objective.sampler_evaluations(cfg.sampler)
     if nfe is None:
         return None
     t = jnp.full((x.shape[0],), 0.5, jnp.float32)
@@ -350,7 +350,7 @@ def _write_samples(
         estimate = f", ~{count * per_image:.0f} s" if per_image is not None else ""
         print(
             f"sample grid: {count} image{'s' * (count != 1)} in batches of {chunk}{estimate}, "
-            f"{describe_sampler(objective, sampler)} (train.sample_count 0 skips it)",
+            f"{objective.describe_sampler(sampler)} (train.sample_count 0 skips it)",
             flush=True,
         )
     parts, start = [], time.perf_counter()

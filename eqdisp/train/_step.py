@@ -12,9 +12,8 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from ..config import DispConfig, OptimConfig
 from ..dispersive import dispersive_floor
-from ..objective import Objective, diffusion_loss, loss_terms
+from ..objective import AbstractObjective, loss_terms, training_loss
 from ..sharding import constrain_batch, constrain_state
-from ..transport import Transport
 
 
 class TrainState(eqx.Module):
@@ -65,7 +64,7 @@ def init_train_state(
 
 def make_train_step(
     optimizer: optax.GradientTransformation,
-    transport: Transport,
+    objective: AbstractObjective,
     disp: DispConfig,
     *,
     ema_decay: float,
@@ -92,8 +91,8 @@ def make_train_step(
             state = constrain_state(state, mesh)
             x, y = constrain_batch((x, y), mesh)
         key = jr.fold_in(state.key, state.step)
-        loss_fn = eqx.filter_value_and_grad(diffusion_loss, has_aux=True)
-        (loss, metrics), grads = loss_fn(state.model, x, y, key=key, transport=transport, disp=disp)
+        loss_fn = eqx.filter_value_and_grad(training_loss, has_aux=True)
+        (loss, metrics), grads = loss_fn(state.model, x, y, key=key, objective=objective, disp=disp)
         params = eqx.filter(state.model, eqx.is_inexact_array)
         # optax computes b ** count (float ** int32); allow that promotion whatever the global mode.
         with jax.numpy_dtype_promotion("standard"):
@@ -145,7 +144,7 @@ def _masked_dot(a: PyTree, b: PyTree, mask: PyTree) -> Float[Array, ""]:
     return sum(jax.tree.leaves(products), jnp.zeros((), jnp.float32))
 
 
-def make_diagnostics(transport: Objective, disp: DispConfig, *, mesh: Mesh | None = None):
+def make_diagnostics(objective: AbstractObjective, disp: DispConfig, *, mesh: Mesh | None = None):
     """Build ``diagnostics(state, x, y) -> metrics``: what the dispersive term does, measured on
     the batch and with the step key of ``train_step(state, x, y)``, the state left untouched.
 
@@ -188,7 +187,7 @@ def make_diagnostics(transport: Objective, disp: DispConfig, *, mesh: Mesh | Non
 
     **Arguments:**
 
-    - `transport`: the run's objective, as given to `make_train_step`.
+    - `objective`: the run's objective, as given to `make_train_step`.
     - `disp`: the run's dispersive configuration.
     - `mesh`: as for `make_train_step`.
 
@@ -216,7 +215,7 @@ def make_diagnostics(transport: Objective, disp: DispConfig, *, mesh: Mesh | Non
 
         def terms(p):
             return loss_terms(
-                eqx.combine(p, static), x, y, key=key, transport=transport, disp=term
+                eqx.combine(p, static), x, y, key=key, objective=objective, disp=term
             )
 
         (_, per_block), pullback = jax.vjp(terms, params)

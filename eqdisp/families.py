@@ -1,0 +1,22 @@
+"""The model families eqdisp trains, and the objective each family is trained with.
+
+Decoding a configuration into its objective needs the model name, SiT's transport and DiT's
+diffusion; it lives here so that :mod:`eqdisp.objective` (the abstraction) imports none of them.
+"""
+
+from .config import ExperimentConfig
+from .diffusion import make_diffusion
+from .models import parse_model_name
+from .objective import AbstractObjective
+from .transport import make_transport
+
+
+def make_objective(cfg: ExperimentConfig) -> AbstractObjective:
+    """The objective of the references for this model: DiT's diffusion for DiT (``learn_sigma``
+    as configured), SiT's transport (``cfg.transport``) else."""
+    if parse_model_name(cfg.model.name).family == "DiT":
+        return make_diffusion(learn_sigma=cfg.model.learn_sigma)
+    return make_transport(cfg.transport)
+
+
+__all__ = ["make_objective"]
