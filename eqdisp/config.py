@@ -6,6 +6,8 @@ which ``tyro`` shows in ``--help``. Each ``__post_init__`` validates its fields 
 ``ConfigError`` with a one-line message naming the field, the bad value and what is allowed.
 """
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -31,7 +33,9 @@ def _check_choice(field: str, value: object, choices: tuple) -> None:
 # Model
 
 
-ModelFamily = Literal["SiT", "DiT"]
+ModelFamily = Literal["SiT", "DiT", "MF"]
+"""SiT (flow matching), DiT (Gaussian diffusion), MF (MeanFlow: a DiT backbone conditioned on
+``(t, t - r)``)."""
 BlockImpl = Literal["auto", "unroll", "scan"]
 ComputeDtype = Literal["float32", "bfloat16"]
 AttentionImpl = Literal["auto", "einsum", "xla", "cudnn"]
@@ -44,7 +48,8 @@ class ModelConfig:
     """Architecture of a DiT/SiT transformer. ``name`` fixes depth, width, heads and patch."""
 
     name: str = "SiT-B/2"
-    """Model name, ``{SiT,DiT}-{T,S,B,L,XL}/{2,4,8}`` (``T`` is a small CPU size, not in the papers)."""
+    """Model name, ``{SiT,DiT,MF}-{T,S,B,L,XL}/{2,4,8}`` (``T`` is a small CPU size, not in the
+    papers)."""
     input_size: int = 32
     """Height and width of the input (a 32x32 SD-VAE latent for 256px ImageNet)."""
     in_channels: int = 4
@@ -469,6 +474,86 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class MeanFlowConfig:
+    """MeanFlow's training constants. Defaults are the official ``configs/default.py`` (MF-B/4;
+    reference notes ``meanflow_unet_fid.md`` §1.4-1.7, §1.9); the MF-XL/2 guidance is ``omega=0.2, kappa=0.92,
+    guidance_interval=(0.0, 0.75)`` (third-party README, §1.9)."""
+
+    p_mean: float = -0.4
+    """Mean of the normal whose sigmoid gives a time (logit-normal, §1.4)."""
+    p_std: float = 1.0
+    """Standard deviation of that normal (§1.4)."""
+    data_proportion: float = 0.75
+    """Fraction of the batch, taken from its start, trained with ``r = t`` (plain flow matching)."""
+    norm_p: float = 1.0
+    """Power ``p`` of the adaptive loss weight ``1 / (err + norm_eps)^p`` (§1.6)."""
+    norm_eps: float = 0.01
+    """Constant ``c`` of the adaptive loss weight (§1.6; HaoyiZhu's port uses 1.0, not this)."""
+    omega: float = 1.0
+    """Guidance weight ``omega`` of the plain velocity in the training target (§1.5)."""
+    kappa: float = 0.5
+    """Weight ``kappa`` of the conditional network output in the target; 0 guides with the null
+    output only (one extra forward instead of two). Effective guidance ``omega / (1 - kappa)``."""
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
+    """Guide only the examples with ``low <= t <= high`` (MeanFlow time, t=1 noise); elsewhere
+    ``(omega, kappa) = (1, 0)``, i.e. the plain velocity."""
+    class_dropout_prob: float = 0.1
+    """Probability of each example adding one to the number of null labels at the batch start."""
+
+    def __post_init__(self):
+        _check(math.isfinite(self.p_mean), "meanflow.p_mean", self.p_mean, "a finite number")
+        _check(
+            math.isfinite(self.p_std) and self.p_std > 0.0,
+            "meanflow.p_std",
+            self.p_std,
+            "a finite number > 0",
+        )
+        _check(
+            0.0 <= self.data_proportion <= 1.0,
+            "meanflow.data_proportion",
+            self.data_proportion,
+            "a fraction in [0, 1]",
+        )
+        _check(
+            math.isfinite(self.norm_p) and self.norm_p >= 0.0,
+            "meanflow.norm_p",
+            self.norm_p,
+            "a finite number >= 0",
+        )
+        _check(
+            math.isfinite(self.norm_eps) and self.norm_eps > 0.0,
+            "meanflow.norm_eps",
+            self.norm_eps,
+            "a finite number > 0",
+        )
+        _check(
+            math.isfinite(self.omega) and self.omega > 0.0,
+            "meanflow.omega",
+            self.omega,
+            "a finite number > 0",
+        )
+        _check(0.0 <= self.kappa < 1.0, "meanflow.kappa", self.kappa, "a number in [0, 1)")
+        interval = self.guidance_interval
+        _check(
+            len(interval) == 2 and 0.0 <= interval[0] <= interval[1] <= 1.0,
+            "meanflow.guidance_interval",
+            interval,
+            "(low, high) with 0 <= low <= high <= 1",
+        )
+        _check(
+            0.0 <= self.class_dropout_prob < 1.0,
+            "meanflow.class_dropout_prob",
+            self.class_dropout_prob,
+            "a probability in [0, 1)",
+        )
+
+    @property
+    def effective_guidance(self) -> float:
+        """``omega' = omega / (1 - kappa)``, the CFG scale the target is equivalent to (README)."""
+        return self.omega / (1.0 - self.kappa)
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """A complete training experiment: model, objective, optimizer, data, sampler and run."""
 
@@ -479,13 +564,34 @@ class ExperimentConfig:
     data: DataConfig = DataConfig()
     sampler: SamplerConfig = SamplerConfig()
     train: RunConfig = RunConfig()
+    meanflow: MeanFlowConfig = MeanFlowConfig()
+    """MeanFlow's constants (used by ``MF-*`` models only)."""
 
     def __post_init__(self):
         # Range-check the block numbers against this model's depth now, not at step 0.
         from .models import parse_model_name
 
-        depth = parse_model_name(self.model.name).depth
+        spec = parse_model_name(self.model.name)
+        depth = spec.depth
         self.disp.block_indices(depth)
+        if spec.family == "MF":
+            # MeanFlow drops labels in its loss (meanflow.class_dropout_prob) and predicts no
+            # variance; its network drops nothing itself (Gsunshine/meanflow: class_dropout_prob=0).
+            _check(not self.model.learn_sigma, "model.learn_sigma", True, "False for MF models")
+            _check(
+                self.model.class_dropout_prob == 0.0,
+                "model.class_dropout_prob",
+                self.model.class_dropout_prob,
+                "0 for MF models (MeanFlow drops labels itself: meanflow.class_dropout_prob)",
+            )
+            _check(
+                self.disp.contrastive == "off",
+                "disp.contrastive",
+                self.disp.contrastive,
+                "'off' for MF models",
+            )
+            _check(self.sampler.cfg_scale == 1.0, "sampler.cfg_scale", self.sampler.cfg_scale,
+                   "1 for MF models (guidance is trained in: meanflow.omega, meanflow.kappa)")
         if self.disp.active and self.disp.group_size is not None:
             _check(
                 self.train.batch_size % self.disp.group_size == 0,
@@ -519,6 +625,34 @@ _TINY = ExperimentConfig(
     train=RunConfig(steps=1500, batch_size=64, out="runs/sit-tiny", log_every=100, sample_count=100),
 )
 
+_MF_IMAGENET_STEPS = 240 * 5004  # 240 epochs of ImageNet at batch 256 (Gsunshine/meanflow run_b4.yml)
+
+
+def _meanflow(size_patch: str, weight: float, meanflow: MeanFlowConfig) -> ExperimentConfig:
+    """MeanFlow on ImageNet 256 latents (reference notes ``meanflow_unet_fid.md`` §1.7, §1.9):
+    AdamW 1e-4 constant, betas (0.9, 0.95), no decay, batch 256, EMA 0.9999, 240 epochs,
+    Dispersive Loss at block depth//4 with the paper's lambda, 1-step sampling."""
+    return ExperimentConfig(
+        model=ModelConfig(name=f"MF-{size_patch}", learn_sigma=False, class_dropout_prob=0.0),
+        disp=DispConfig(weight=weight),
+        data=DataConfig(source="latents"),
+        sampler=SamplerConfig(steps=2),
+        meanflow=meanflow,
+        train=RunConfig(
+            steps=_MF_IMAGENET_STEPS, out=f"runs/meanflow-{size_patch.replace('/', '').lower()}"
+        ),
+    )
+
+
+_MEANFLOW_TINY = dataclasses.replace(
+    _TINY,
+    model=dataclasses.replace(
+        _TINY.model, name="MF-T/2", learn_sigma=False, class_dropout_prob=0.0
+    ),
+    sampler=SamplerConfig(steps=2),
+    train=dataclasses.replace(_TINY.train, out="runs/meanflow-tiny"),
+)
+
 PRESETS: dict[str, tuple[str, ExperimentConfig]] = {
     "sit-tiny": (
         "SiT-T/2 on the bundled 8x8 digits: a complete run on a laptop CPU in minutes.",
@@ -535,5 +669,22 @@ PRESETS: dict[str, tuple[str, ExperimentConfig]] = {
         for size in ("S", "B", "L", "XL")
         for patch in (2, 4, 8)
     },
+    "meanflow-tiny": (
+        "MeanFlow MF-T/2 on the bundled 8x8 digits, sit-tiny's recipe; samples in one step.",
+        _MEANFLOW_TINY,
+    ),
+    "meanflow-b4": (
+        "MeanFlow MF-B/4 on ImageNet 256 latents, lambda 0.25 (paper Table 7), 1-step sampling.",
+        _meanflow("B/4", 0.25, MeanFlowConfig()),
+    ),
+    "meanflow-b2": (
+        "MeanFlow MF-B/2 on ImageNet 256 latents, lambda 1.0 (paper Table 7), 1-step sampling.",
+        _meanflow("B/2", 1.0, MeanFlowConfig()),
+    ),
+    "meanflow-xl2": (
+        "MeanFlow MF-XL/2 on ImageNet 256 latents, lambda 1.5 (paper Table 7), guidance omega "
+        "0.2, kappa 0.92 on t in [0, 0.75] (third-party README, unverified), 1-step sampling.",
+        _meanflow("XL/2", 1.5, MeanFlowConfig(omega=0.2, kappa=0.92, guidance_interval=(0.0, 0.75))),
+    ),
 }
 """Named experiments (``python -m cli.train NAME``): every paper configuration plus CPU presets."""

@@ -32,11 +32,10 @@ examples (the last 25%) are nearly never unconditional. A random mask would be t
 alternative; eqdisp keeps the official behaviour so that results are comparable.
 """
 
-import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -44,7 +43,8 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from .config import _check
+from .config import ConfigError, DispConfig, MeanFlowConfig, SamplerConfig, _check
+from .objective import AbstractObjective, block_regularizers
 
 MeanFlowNet = Callable[..., tuple[Float[Array, "c h w"], Any]]
 """``net(x, t, h, y, *, tap_blocks) -> (u, taps)`` on one example (see the module docstring)."""
@@ -52,90 +52,6 @@ MeanFlowNet = Callable[..., tuple[Float[Array, "c h w"], Any]]
 DispFn = Callable[[Float[Array, "batch feature"]], Float[Array, ""]]
 """A dispersive loss of a batch of flattened representations, e.g.
 ``lambda z: eqdisp.dispersive_loss(z, "infonce_l2", tau=0.5, group_size=16)``."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Configuration
-
-
-@dataclass(frozen=True)
-class MeanFlowConfig:
-    """MeanFlow's training constants. Defaults are the official ``configs/default.py`` (MF-B/4;
-    reference notes §1.4-1.7, §1.9); the MF-XL/2 guidance is ``omega=0.2, kappa=0.92,
-    guidance_interval=(0.0, 0.75)`` (third-party README, §1.9)."""
-
-    p_mean: float = -0.4
-    """Mean of the normal whose sigmoid gives a time (logit-normal, §1.4)."""
-    p_std: float = 1.0
-    """Standard deviation of that normal (§1.4)."""
-    data_proportion: float = 0.75
-    """Fraction of the batch, taken from its start, trained with ``r = t`` (plain flow matching)."""
-    norm_p: float = 1.0
-    """Power ``p`` of the adaptive loss weight ``1 / (err + norm_eps)^p`` (§1.6)."""
-    norm_eps: float = 0.01
-    """Constant ``c`` of the adaptive loss weight (§1.6; HaoyiZhu's port uses 1.0, not this)."""
-    omega: float = 1.0
-    """Guidance weight ``omega`` of the plain velocity in the training target (§1.5)."""
-    kappa: float = 0.5
-    """Weight ``kappa`` of the conditional network output in the target; 0 guides with the null
-    output only (one extra forward instead of two). Effective guidance ``omega / (1 - kappa)``."""
-    guidance_interval: tuple[float, float] = (0.0, 1.0)
-    """Guide only the examples with ``low <= t <= high`` (MeanFlow time, t=1 noise); elsewhere
-    ``(omega, kappa) = (1, 0)``, i.e. the plain velocity."""
-    class_dropout_prob: float = 0.1
-    """Probability of each example adding one to the number of null labels at the batch start."""
-
-    def __post_init__(self):
-        _check(math.isfinite(self.p_mean), "meanflow.p_mean", self.p_mean, "a finite number")
-        _check(
-            math.isfinite(self.p_std) and self.p_std > 0.0,
-            "meanflow.p_std",
-            self.p_std,
-            "a finite number > 0",
-        )
-        _check(
-            0.0 <= self.data_proportion <= 1.0,
-            "meanflow.data_proportion",
-            self.data_proportion,
-            "a fraction in [0, 1]",
-        )
-        _check(
-            math.isfinite(self.norm_p) and self.norm_p >= 0.0,
-            "meanflow.norm_p",
-            self.norm_p,
-            "a finite number >= 0",
-        )
-        _check(
-            math.isfinite(self.norm_eps) and self.norm_eps > 0.0,
-            "meanflow.norm_eps",
-            self.norm_eps,
-            "a finite number > 0",
-        )
-        _check(
-            math.isfinite(self.omega) and self.omega > 0.0,
-            "meanflow.omega",
-            self.omega,
-            "a finite number > 0",
-        )
-        _check(0.0 <= self.kappa < 1.0, "meanflow.kappa", self.kappa, "a number in [0, 1)")
-        interval = self.guidance_interval
-        _check(
-            len(interval) == 2 and 0.0 <= interval[0] <= interval[1] <= 1.0,
-            "meanflow.guidance_interval",
-            interval,
-            "(low, high) with 0 <= low <= high <= 1",
-        )
-        _check(
-            0.0 <= self.class_dropout_prob < 1.0,
-            "meanflow.class_dropout_prob",
-            self.class_dropout_prob,
-            "a probability in [0, 1)",
-        )
-
-    @property
-    def effective_guidance(self) -> float:
-        """``omega' = omega / (1 - kappa)``, the CFG scale the target is equivalent to (README)."""
-        return self.omega / (1.0 - self.kappa)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,6 +305,32 @@ def meanflow_loss(
             f"disp_fn needs disp_weight (got {disp_weight!r}) and at least one of tap_blocks "
             f"(got {tuple(tap_blocks)!r})"
         )
+    loss_mf, metrics, taps = meanflow_terms(
+        net, x, y, key=key, num_classes=num_classes, config=config, tap_blocks=tap_blocks
+    )
+    if disp_fn is None:
+        return loss_mf, metrics
+    batch = x.shape[0]
+    blocks = taps.blocks  # (batch, taps, tokens, dim): the primal pass only
+    per_block = [disp_fn(blocks[:, b].reshape(batch, -1)) for b in range(blocks.shape[1])]
+    loss_disp = jnp.mean(jnp.stack(per_block).astype(jnp.float32))
+    metrics["loss_disp"] = loss_disp
+    return loss_mf + disp_weight * loss_disp, metrics
+
+
+def meanflow_terms(
+    net: MeanFlowNet,
+    x: Float[Array, "batch c h w"],
+    y: Int[Array, " batch"],
+    *,
+    key: PRNGKeyArray,
+    num_classes: int,
+    config: MeanFlowConfig = MeanFlowConfig(),
+    tap_blocks: Sequence[int] = (),
+) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]], Any]:
+    """Steps 1-4 of `meanflow_loss`: ``(loss_mf, metrics, taps)`` with the taps of the primal
+    pass (batched: ``taps.blocks`` is ``(batch, taps, tokens, dim)``), for a caller that computes
+    its own regulariser from them (`MeanFlow.training_terms`)."""
     batch = x.shape[0]
     key_time, key_noise, key_drop = jr.split(key, 3)
     t, r = sample_tr(
@@ -428,13 +370,7 @@ def meanflow_loss(
         "v_loss": lax.stop_gradient(jnp.mean(_sum_squares(u - v))),
         "loss_disp": jnp.zeros((), jnp.float32),
     }
-    if disp_fn is None:
-        return loss_mf, metrics
-    blocks = taps.blocks  # (batch, taps, tokens, dim): the primal pass only
-    per_block = [disp_fn(blocks[:, b].reshape(batch, -1)) for b in range(blocks.shape[1])]
-    loss_disp = jnp.mean(jnp.stack(per_block).astype(jnp.float32))
-    metrics["loss_disp"] = loss_disp
-    return loss_mf + disp_weight * loss_disp, metrics
+    return loss_mf, metrics, taps
 
 
 def _sum_squares(a: Float[Array, "batch c h w"]) -> Float[Array, " batch"]:
@@ -500,12 +436,106 @@ def meanflow_sample(
     return z0
 
 
+# ----------------------------------------------------------------------------------------------
+# The objective
+
+
+class MeanFlow(AbstractObjective):
+    """MeanFlow as an eqdisp objective: `meanflow_loss`'s target with the Dispersive Loss on the
+    primal pass, and `meanflow_sample`'s few-step sampler (``SamplerConfig.steps`` grid points).
+
+    The model is an ``MF-*`` :class:`eqdisp.models.DiffusionTransformer` (a DiT with a second
+    timestep embedder); `MeanFlow` feeds it ``h = t - r`` through ``forward_with_taps(..., h=)``.
+    Times are MeanFlow's (t = 1 noise); `model_time` maps eqdisp's analysis time to them.
+    The contrastive counterparts (two noised views) are not defined for MeanFlow.
+    """
+
+    config: MeanFlowConfig = eqx.field(static=True)
+    num_classes: int = eqx.field(static=True)
+
+    def training_terms(
+        self,
+        model: eqx.Module,
+        x1: Float[Array, "batch c h w"],
+        y: Int[Array, " batch"],
+        *,
+        key: PRNGKeyArray,
+        disp: DispConfig,
+        tap_blocks: tuple[int, ...],
+    ) -> tuple[Float[Array, ""], Float[Array, " taps"]]:
+        if tap_blocks and disp.contrastive != "off":
+            raise ConfigError(
+                f"disp.contrastive={disp.contrastive!r} is not allowed with MeanFlow: expected "
+                "'off' (the contrastive counterparts are defined for one-time objectives)"
+            )
+        net = _ModelNet(model)
+        loss_mf, _, taps = meanflow_terms(
+            net, x1, y, key=key, num_classes=self.num_classes, config=self.config,
+            tap_blocks=tap_blocks,
+        )
+        if not tap_blocks:
+            return loss_mf, jnp.zeros((0,), jnp.float32)
+        return loss_mf, block_regularizers(taps.blocks, disp)
+
+    def draw_samples(
+        self,
+        model: eqx.Module,
+        x_init: Float[Array, "batch c h w"],
+        y: Int[Array, " batch"],
+        *,
+        key: PRNGKeyArray,
+        config: SamplerConfig,
+    ) -> Float[Array, "batch c h w"]:
+        """`meanflow_sample` from the noise `x_init` over ``config.steps`` equally spaced grid
+        points, counted as SiT counts them: 2 points are MeanFlow's 1-step sampling, 3 its 2-step.
+        Deterministic (`key` is unused); guidance is in the weights, so ``config.cfg_scale`` must
+        be 1."""
+        if config.cfg_scale != 1.0:
+            raise ConfigError(
+                f"sampler.cfg_scale={config.cfg_scale!r} is not allowed with MeanFlow: expected 1 "
+                "(guidance is trained into the model: meanflow.omega, meanflow.kappa)"
+            )
+        return meanflow_sample(_ModelNet(model), x_init, y, steps=config.steps - 1)
+
+    def sampler_evaluations(self, config: SamplerConfig) -> int:
+        """One evaluation a step: ``config.steps - 1``."""
+        return config.steps - 1
+
+    def describe_sampler(self, config: SamplerConfig) -> str:
+        n = config.steps - 1
+        return f"MeanFlow, {config.steps} grid points = {n} step{'s' if n > 1 else ''} = {n} evaluations each"
+
+    def model_time(self, t: float) -> float:
+        """MeanFlow's t = 1 is noise: eqdisp's `t` is ``1 - t``."""
+        return 1.0 - t
+
+    def interpolate(
+        self, x0: Float[Array, "*x"], x1: Float[Array, "*x"], t: Float[Array, ""] | float
+    ) -> tuple[Float[Array, "*x"], Float[Array, "*x"]]:
+        """``z_t = (1 - t) x1 + t x0`` and the conditional velocity ``x0 - x1`` (data `x1`, noise
+        `x0`; MeanFlow's time)."""
+        t = jnp.asarray(t, x1.dtype)
+        return (1 - t) * x1 + t * x0, x0 - x1
+
+
+class _ModelNet(eqx.Module):
+    """An eqdisp MF model in the network protocol of this module."""
+
+    model: eqx.Module
+
+    def __call__(self, x, t, h, y, *, tap_blocks):
+        return self.model.forward_with_taps(x, t, y, h=h, tap_blocks=tap_blocks)
+
+
+
 __all__ = [
+    "MeanFlow",
     "MeanFlowConfig",
     "cond_drop",
     "guided_velocity",
     "meanflow_jvp",
     "meanflow_loss",
+    "meanflow_terms",
     "meanflow_sample",
     "meanflow_target",
     "sample_tr",

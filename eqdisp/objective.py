@@ -140,12 +140,12 @@ class AbstractNoisingObjective(AbstractObjective):
         if not tap_blocks:
             return loss_diff, jnp.zeros((0,), jnp.float32)
         if disp.contrastive == "off":
-            return loss_diff, _per_block(taps.blocks, disp, None)
+            return loss_diff, block_regularizers(taps.blocks, disp, None)
         key_noise2, key_time2 = jr.split(key_view)
         x0_pos = jr.normal(key_noise2, x1.shape, x1.dtype)
         t_pos = _second_view_time(key_time2, t, disp, self)
         _, taps_pos = jax.vmap(forward)(x0_pos, x1, t_pos, y, drop_keys)
-        return loss_diff, _per_block(taps.blocks, disp, taps_pos.blocks)
+        return loss_diff, block_regularizers(taps.blocks, disp, taps_pos.blocks)
 
 
 def regularizer(
@@ -166,14 +166,15 @@ def regularizer(
 
     The unweighted regulariser, a float32 scalar.
     """
-    return jnp.mean(_per_block(blocks, disp, blocks_pos))
+    return jnp.mean(block_regularizers(blocks, disp, blocks_pos))
 
 
-def _per_block(
+def block_regularizers(
     blocks: Float[Array, "batch taps tokens dim"],
     disp: DispConfig,
-    blocks_pos: Float[Array, "batch taps tokens dim"] | None,
+    blocks_pos: Float[Array, "batch taps tokens dim"] | None = None,
 ) -> Float[Array, " taps"]:
+    """The unweighted dispersive (given `blocks_pos`: contrastive) loss of each tapped block."""
     options = {"tau": disp.tau, "group_size": disp.group_size, "margin": disp.margin}
     losses = []
     for b in range(blocks.shape[1]):
@@ -279,6 +280,7 @@ def loss_terms(
 __all__ = [
     "AbstractNoisingObjective",
     "AbstractObjective",
+    "block_regularizers",
     "loss_terms",
     "regularizer",
     "training_loss",

@@ -609,3 +609,130 @@ def test_sampler_time_grid_one_evaluation_per_step(rng):
     for bad in (0, [1.0], [0.0, 1.0], [1.0, 0.5, 0.5], [1.5, 0.0]):
         with pytest.raises(ConfigError, match="meanflow steps"):
             time_grid(bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# MeanFlow as an eqdisp objective: the MF transformer, make_objective, cli.train and cli.sample
+
+
+def test_mf_models_have_the_papers_sizes_and_an_h_embedder():
+    """MF-B/4, MF-B/2, MF-XL/2 (reference notes §1.3): DiT backbones plus a second timestep
+    embedder, no learned sigma; counted with jax.eval_shape against the DiT count plus the
+    h-embedder's two linear layers."""
+    import eqdisp
+
+    def count(name, learn_sigma=False, **overrides):
+        model = jax.eval_shape(
+            lambda: eqdisp.make_model(name, key=jr.key(0), learn_sigma=learn_sigma, **overrides)
+        )
+        return sum(x.size for x in jax.tree.leaves(model) if isinstance(x, jax.ShapeDtypeStruct))
+
+    # DiT's published count includes its fixed position embedding (256 x 1152), not a leaf here.
+    assert count("DiT-XL/2", learn_sigma=True) + 256 * 1152 == 675_129_632
+    for name, dim in (("B/4", 768), ("B/2", 768), ("XL/2", 1152)):
+        h_embedder = (256 * dim + dim) + (dim * dim + dim)
+        assert count(f"MF-{name}", class_dropout_prob=0.0) == count(f"DiT-{name}") + h_embedder
+    counts = {n: count(f"MF-{n}", class_dropout_prob=0.0) for n in ("B/4", "B/2", "XL/2")}
+    # XL/2 by hand: DiT-XL/2 less its position embedding and half its final projection
+    # (1152 x 16 + 16), plus the h-embedder.
+    dit_xl = 675_129_632 - 256 * 1152
+    assert counts["XL/2"] == dit_xl - (1152 * 16 + 16) + (256 * 1152 + 1152 + 1152**2 + 1152)
+    # MeanFlow's paper: 131M, 131M, 676M.
+    assert [round(c / 1e6) for c in counts.values()] == [131, 131, 676]
+
+
+def test_h_enters_the_conditioning_of_mf_models_only(getkey):
+    import eqdisp
+
+    model = eqdisp.make_model(
+        "MF-T/2", input_size=8, in_channels=1, num_classes=10, learn_sigma=False,
+        class_dropout_prob=0.0, key=getkey(),
+    )
+    t, y = jnp.float32(0.7), jnp.int32(3)
+    c0 = model.condition(t, y)
+    assert jnp.array_equal(c0, model.condition(t, y, h=jnp.float32(0.0)))
+    c1 = model.condition(t, y, h=jnp.float32(0.3))
+    want = model.t_embedder(t) + model.h_embedder(jnp.float32(0.3)) + model.y_embedder(y)
+    np.testing.assert_allclose(c1, want, rtol=1e-6)
+    assert not jnp.allclose(c0, c1)
+    sit = eqdisp.make_model("SiT-T/2", input_size=8, in_channels=1, num_classes=10, key=getkey())
+    assert sit.h_embedder is None
+    with pytest.raises(ValueError, match="h is only for family='MF' models"):
+        sit.condition(t, y, h=jnp.float32(0.3))
+
+
+def test_mf_configs_are_checked_at_the_boundary():
+    from eqdisp.config import ConfigError, DispConfig, ExperimentConfig, ModelConfig, SamplerConfig
+
+    ok = ModelConfig("MF-T/2", input_size=8, in_channels=1, learn_sigma=False, class_dropout_prob=0.0)
+    for bad, match in (
+        ({"model": ModelConfig("MF-T/2", learn_sigma=True, class_dropout_prob=0.0)}, "model.learn_sigma"),
+        ({"model": ModelConfig("MF-T/2", learn_sigma=False)}, "model.class_dropout_prob=0.1"),
+        ({"model": ok, "disp": DispConfig(contrastive="independent")}, "disp.contrastive"),
+        ({"model": ok, "sampler": SamplerConfig(cfg_scale=1.5)}, "sampler.cfg_scale=1.5"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            ExperimentConfig(**bad)
+
+
+def test_the_objective_is_meanflows_loss_with_the_papers_dispersive_term(getkey):
+    """`training_loss` of an MF model equals `meanflow_loss` with `dispersive_loss` on the same
+    block, for the same key; the sampler counts grid points as SiT does (2 = one step)."""
+    import eqdisp
+    from eqdisp.config import PRESETS, SamplerConfig
+    from eqdisp.meanflow import MeanFlow, meanflow_loss
+
+    cfg = PRESETS["meanflow-tiny"][1]
+    objective = eqdisp.make_objective(cfg)
+    assert isinstance(objective, MeanFlow) and objective.config == cfg.meanflow
+    model = eqdisp.make_model(cfg.model, key=getkey())
+    x, y = jr.normal(getkey(), (16, 1, 8, 8)), jr.randint(getkey(), (16,), 0, 10)
+    key = getkey()
+    loss, metrics = eqdisp.training_loss(model, x, y, key=key, objective=objective, disp=cfg.disp)
+    blocks = cfg.disp.block_indices(model.depth)
+
+    def net(x, t, h, y, *, tap_blocks):
+        return model.forward_with_taps(x, t, y, h=h, tap_blocks=tap_blocks)
+
+    disp = lambda z: eqdisp.dispersive_loss(z, "infonce_l2", tau=0.5, group_size=16)  # noqa: E731
+    want, parts = meanflow_loss(
+        net, x, y, key=key, num_classes=10, config=cfg.meanflow, disp_fn=disp,
+        disp_weight=cfg.disp.weight, tap_blocks=blocks,
+    )
+    np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["loss_disp"]), float(parts["loss_disp"]), rtol=1e-5)
+    assert objective.sampler_evaluations(SamplerConfig(steps=2)) == 1
+    assert objective.describe_sampler(SamplerConfig(steps=3)) == (
+        "MeanFlow, 3 grid points = 2 steps = 2 evaluations each"
+    )
+    assert objective.model_time(0.25) == 0.75  # eqdisp's t = 1 is data, MeanFlow's is noise
+
+
+def test_meanflow_tiny_trains_resumes_and_samples_in_one_and_two_steps(tmp_path):
+    """The CLI unchanged: cli.train meanflow-tiny (3 + 2 steps, resumed) and cli.sample with
+    2 and 3 grid points (1- and 2-step MeanFlow)."""
+    import pathlib
+    import subprocess
+    import sys
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    run = tmp_path / "mf"
+
+    def cli(*args):
+        proc = subprocess.run(
+            [sys.executable, "-m", *args], cwd=repo, capture_output=True, text=True, timeout=900
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    common = ("--train.out", str(run), "--train.sample-count", "0", "--train.batch-size", "16")
+    cli("cli.train", "meanflow-tiny", "--train.steps", "3", *common)
+    cli("cli.train", "meanflow-tiny", "--train.steps", "5", *common)
+    rows = [line for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+    assert len(rows) >= 1
+    for points in ("2", "3"):
+        out = tmp_path / f"samples-{points}.npz"
+        proc = cli("cli.sample", str(run), "--num", "8", "--out", str(out), "--steps", points)
+        assert f"MeanFlow, {points} grid points" in proc.stdout + proc.stderr
+        images = np.load(out)["arr_0"]
+        assert images.shape == (8, 8, 8, 1) and images.dtype == np.uint8

@@ -5,9 +5,9 @@ it builds its presets, so the name decoding must be importable before `ModelConf
 """
 
 import re
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
-from ..config import ConfigError
+from ..config import ConfigError, ModelFamily
 
 MODEL_SIZES: dict[str, tuple[int, int, int]] = {
     "T": (6, 192, 3),  # a small CPU size for tests and demos; not in the papers
@@ -20,14 +20,14 @@ MODEL_SIZES: dict[str, tuple[int, int, int]] = {
 
 PATCH_SIZES: tuple[int, ...] = (2, 4, 8)
 
-_NAME_PATTERN = "{SiT,DiT}-{T,S,B,L,XL}/{2,4,8}"
-_NAME_RE = re.compile(r"^(?:(SiT|DiT)-)?(T|S|B|L|XL)/(2|4|8)$")
+_NAME_PATTERN = "{SiT,DiT,MF}-{T,S,B,L,XL}/{2,4,8}"
+_NAME_RE = re.compile(r"^(?:(SiT|DiT|MF)-)?(T|S|B|L|XL)/(2|4|8)$")
 
 
 class ModelSpec(NamedTuple):
     """The architecture a model name stands for."""
 
-    family: Literal["SiT", "DiT"]
+    family: ModelFamily
     depth: int
     dim: int
     num_heads: int
@@ -39,7 +39,7 @@ def parse_model_name(name: str) -> ModelSpec:
 
     **Arguments:**
 
-    - `name`: `"{SiT,DiT}-{T,S,B,L,XL}/{2,4,8}"`, e.g. `"SiT-B/2"`; a bare `"B/2"` means SiT.
+    - `name`: `"{SiT,DiT,MF}-{T,S,B,L,XL}/{2,4,8}"`, e.g. `"SiT-B/2"`; a bare `"B/2"` means SiT.
 
     **Returns:** a `ModelSpec(family, depth, dim, num_heads, patch_size)`.
 

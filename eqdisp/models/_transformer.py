@@ -233,7 +233,8 @@ class DiffusionTransformer(AbstractDiffusionModel):
     y_embedder: LabelEmbedder
     blocks: TransformerBlock
     final_layer: FinalLayer
-    family: Literal["SiT", "DiT"] = eqx.field(static=True)
+    h_embedder: TimestepEmbedder | None
+    family: Literal["SiT", "DiT", "MF"] = eqx.field(static=True)
     input_size: int = eqx.field(static=True)
     in_channels: int = eqx.field(static=True)
     patch_size: int = eqx.field(static=True)
@@ -257,7 +258,7 @@ class DiffusionTransformer(AbstractDiffusionModel):
         mlp_ratio: float = 4.0,
         learn_sigma: bool = True,
         class_dropout_prob: float = 0.1,
-        family: Literal["SiT", "DiT"] = "SiT",
+        family: Literal["SiT", "DiT", "MF"] = "SiT",
         block_impl: Literal["unroll", "scan"] = "scan",
         dtype: Literal["float32", "bfloat16"] = "float32",
         attention: Literal["einsum", "xla", "cudnn"] = "einsum",
@@ -273,7 +274,9 @@ class DiffusionTransformer(AbstractDiffusionModel):
         - `num_classes`: labels `0..num_classes-1`; `num_classes` is the null label.
         - `learn_sigma`: produce `2 * in_channels` output channels (the reference default).
         - `class_dropout_prob`: label dropout in training (when a `key` is passed to the forward).
-        - `family`: `"SiT"` or `"DiT"` (which output channels `__call__` returns).
+        - `family`: `"SiT"` or `"DiT"` (which output channels `__call__` returns), or `"MF"`:
+            MeanFlow's DiT with a second timestep embedder for `h = t - r` (Gsunshine/meanflow
+            `models/models_dit.py`), `c = t_emb(t) + h_emb(h) + y_emb(y)`.
         - `block_impl`: `"unroll"` or `"scan"`.
         - `dtype`: compute dtype; parameters are float32 either way.
         - `attention`: `"einsum"`, `"xla"` or `"cudnn"` (see `TransformerBlock.attention`).
@@ -296,6 +299,9 @@ class DiffusionTransformer(AbstractDiffusionModel):
         make_block = lambda k: TransformerBlock(dim, num_heads, mlp_ratio, attention, key=k)
         self.blocks = eqx.filter_vmap(make_block)(jax.random.split(blocks_key, depth))
         self.final_layer = FinalLayer(dim, patch_size, out_channels, key=final_key)
+        # A key of its own, so SiT and DiT initialise exactly as before the MF family existed.
+        h_key = jax.random.fold_in(key, 1)
+        self.h_embedder = TimestepEmbedder(dim, key=h_key) if family == "MF" else None
         self.family = family
         self.input_size = input_size
         self.in_channels = in_channels
@@ -315,8 +321,17 @@ class DiffusionTransformer(AbstractDiffusionModel):
             num_heads=self.num_heads,
             depth=self.depth,
         )
-        if self.family not in ("SiT", "DiT"):
-            raise ValueError(f"family={self.family!r} is not allowed: expected 'SiT' or 'DiT'")
+        if self.family not in ("SiT", "DiT", "MF"):
+            raise ValueError(
+                f"family={self.family!r} is not allowed: expected 'SiT', 'DiT' or 'MF'"
+            )
+        if (self.family == "MF") != (self.h_embedder is not None):
+            raise ValueError("an 'MF' model has an h_embedder and only an 'MF' model has one")
+        if self.family == "MF" and self.learn_sigma:
+            raise ValueError(
+                "learn_sigma=True is not allowed for family='MF': expected False (MeanFlow "
+                "predicts an average velocity, no variance)"
+            )
         if self.block_impl not in ("unroll", "scan"):
             raise ValueError(
                 f"block_impl={self.block_impl!r} is not allowed: expected 'unroll' or 'scan'"
@@ -387,11 +402,22 @@ class DiffusionTransformer(AbstractDiffusionModel):
         return self.x_embedder(x.astype(weight_dtype)) + jnp.asarray(pos, weight_dtype)
 
     def condition(
-        self, t: Float[Array, ""], y: Int[Array, ""], *, key: PRNGKeyArray | None = None
+        self,
+        t: Float[Array, ""],
+        y: Int[Array, ""],
+        *,
+        h: Float[Array, ""] | None = None,
+        key: PRNGKeyArray | None = None,
     ) -> Float[Array, " dim"]:
-        """`c = t_emb(t) + y_emb(y)`; with a `key`, `y` is dropped to the null label with
+        """`c = t_emb(t) + y_emb(y)`, plus `h_emb(h)` for an MF model (`h = t - r`; None is 0,
+        the instantaneous velocity); with a `key`, `y` is dropped to the null label with
         probability `class_dropout_prob` (training)."""
-        return self.t_embedder(t) + self.y_embedder(y, key=key)
+        if self.h_embedder is None:
+            if h is not None:
+                raise ValueError(f"h is only for family='MF' models, not {self.family!r}")
+            return self.t_embedder(t) + self.y_embedder(y, key=key)
+        h = jnp.zeros_like(t) if h is None else h
+        return self.t_embedder(t) + self.h_embedder(h) + self.y_embedder(y, key=key)
 
     def block(self, index: int) -> TransformerBlock:
         """The `index`-th (0-based) block as an unstacked module."""
@@ -458,6 +484,7 @@ class DiffusionTransformer(AbstractDiffusionModel):
         *,
         key: PRNGKeyArray | None = None,
         tap_blocks: Sequence[int] | None = None,
+        h: Float[Array, ""] | None = None,
     ) -> tuple[Float[Array, "c_out h w"], Taps]:
         """Run the network on one example.
 
@@ -471,6 +498,8 @@ class DiffusionTransformer(AbstractDiffusionModel):
         - `tap_blocks`: the 0-based blocks whose outputs to return, increasing; `None` for every
             block. Ask for only the blocks you read: under `lax.scan`, reading one tap out of all
             of them keeps the whole `(depth, tokens, dim)` stack alive.
+        - `h`: MF models only: the interval `t - r` of the average velocity (MeanFlow's time,
+            t = 1 noise); None is 0.
 
         **Returns:** `(out, taps)`: `out` float32 with `out_channels` channels, and `Taps` with the
         residual stream after the `tap_blocks` blocks and the conditioning vector, in the compute
@@ -483,8 +512,8 @@ class DiffusionTransformer(AbstractDiffusionModel):
         # REPA trained with t = 1 noise and target noise - data (reference §6.2, pitfall 3): under
         # t_REPA = 1 - t_SiT its velocity is minus SiT's, so it sees 1 - t and its output flips.
         repa = self.time_convention == "repa"
+        c = model.condition(1 - t if repa else t, y, h=h, key=key)  # before `h` names the tokens
         h = model.embed(x)
-        c = model.condition(1 - t if repa else t, y, key=key)
         h, blocks = model._run_blocks(h, c, tap_blocks)
         # Output in float32 whatever the compute dtype (the loss is accumulated in float32).
         out = model.unpatchify(model.final_layer(h, c).astype(jnp.float32))
