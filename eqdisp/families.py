@@ -1,7 +1,8 @@
 """The model families eqdisp trains, and the objective each family is trained with.
 
 Decoding a configuration into its objective needs the model name, SiT's transport, DiT's
-diffusion and MeanFlow; it lives here so that :mod:`eqdisp.objective` (the abstraction) imports none of them.
+diffusion and MeanFlow; it lives here so that :mod:`eqdisp.objective` (the abstraction) imports
+none of them.
 """
 
 from .config import ExperimentConfig
