@@ -8,8 +8,9 @@ which ``tyro`` shows in ``--help``. Each ``__post_init__`` validates its fields 
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
 
 class ConfigError(Exception):
@@ -36,6 +37,54 @@ def _check_choice(field: str, value: object, choices: tuple) -> None:
 ModelFamily = Literal["SiT", "DiT", "MF"]
 """SiT (flow matching), DiT (Gaussian diffusion), MF (MeanFlow: a DiT backbone conditioned on
 ``(t, t - r)``)."""
+
+# Model names, decoded next to the config that holds them (as big_vision decodes its variant
+# strings): `ExperimentConfig` checks block numbers against the depth a name stands for.
+
+MODEL_SIZES: dict[str, tuple[int, int, int]] = {
+    "T": (6, 192, 3),  # a small CPU size for tests and demos; not in the papers
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+"""`(depth, dim, num_heads)` per size letter (DiT, Peebles & Xie 2023, Table 1; MLP ratio 4)."""
+
+PATCH_SIZES: tuple[int, ...] = (2, 4, 8)
+
+_NAME_PATTERN = "{SiT,DiT,MF}-{T,S,B,L,XL}/{2,4,8}"
+_NAME_RE = re.compile(r"^(?:(SiT|DiT|MF)-)?(T|S|B|L|XL)/(2|4|8)$")
+
+
+class ModelSpec(NamedTuple):
+    """The architecture a model name stands for."""
+
+    family: ModelFamily
+    depth: int
+    dim: int
+    num_heads: int
+    patch_size: int
+
+
+def parse_model_name(name: str) -> ModelSpec:
+    """Decode a model name into its architecture.
+
+    **Arguments:**
+
+    - `name`: `"{SiT,DiT,MF}-{T,S,B,L,XL}/{2,4,8}"`, e.g. `"SiT-B/2"`; a bare `"B/2"` means SiT.
+
+    **Returns:** a `ModelSpec(family, depth, dim, num_heads, patch_size)`.
+
+    **Raises:** `ConfigError` naming the bad value and the accepted pattern.
+    """
+    match = _NAME_RE.match(name) if isinstance(name, str) else None
+    if match is None:
+        raise ConfigError(f"model.name={name!r} is not allowed: expected {_NAME_PATTERN}, e.g. 'SiT-B/2'")
+    family, size, patch = match.groups()
+    depth, dim, num_heads = MODEL_SIZES[size]
+    return ModelSpec(family or "SiT", depth, dim, num_heads, int(patch))
+
+
 BlockImpl = Literal["auto", "unroll", "scan"]
 ComputeDtype = Literal["float32", "bfloat16"]
 AttentionImpl = Literal["auto", "einsum", "xla", "cudnn"]
@@ -569,8 +618,6 @@ class ExperimentConfig:
 
     def __post_init__(self):
         # Range-check the block numbers against this model's depth now, not at step 0.
-        from .models import parse_model_name
-
         spec = parse_model_name(self.model.name)
         depth = spec.depth
         self.disp.block_indices(depth)

@@ -99,3 +99,23 @@ def test_cli_bad_value_is_one_line():
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert "disp.tau=-1.0" in result.stderr
+
+
+def test_config_imports_nothing_of_eqdisp_but_its_errors_and_each_module_imports_first():
+    """No import circle through the config: `eqdisp.config` imports no other eqdisp module (it
+    decodes model names itself), and each of the modules that once depended on import order
+    imports first in a fresh interpreter."""
+    import ast
+    import pathlib
+    import subprocess
+    import sys
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    tree = ast.parse((repo / "eqdisp" / "config.py").read_text())
+    relative = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level > 0]
+    assert relative == [], [ast.unparse(n) for n in relative]
+    for module in ("eqdisp.models", "eqdisp.config", "eqdisp.objective", "eqdisp.families"):
+        proc = subprocess.run(
+            [sys.executable, "-c", f"import {module}"], cwd=repo, capture_output=True, text=True
+        )
+        assert proc.returncode == 0, (module, proc.stderr[-1000:])

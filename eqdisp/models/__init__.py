@@ -4,9 +4,6 @@ Every model maps one example `(x, t, y)` to `(out, Taps)` with `forward_with_tap
 returns `out` only. Batch with `jax.vmap`.
 """
 
-# Import order matters once: `eqdisp.config` imports `parse_model_name` from this package while
-# it builds its presets, which happens when `_registry` imports the config; `_names` (which
-# imports no config) must therefore be imported before `_registry`.
 from ._base import AbstractDiffusionModel, Taps
 from ._embed import (
     LabelEmbedder,
@@ -17,7 +14,7 @@ from ._embed import (
     timestep_embedding,
     unpatchify,
 )
-from ._names import MODEL_SIZES, PATCH_SIZES, ModelSpec, parse_model_name
+from ..config import MODEL_SIZES, PATCH_SIZES, ModelSpec, parse_model_name
 from ._registry import Implementation, make_model, resolve_implementation
 from ._transformer import DiffusionTransformer, FinalLayer, TransformerBlock
 

@@ -6,8 +6,7 @@ from typing import NamedTuple
 import jax
 from jaxtyping import PRNGKeyArray
 
-from ..config import ModelConfig
-from ._names import parse_model_name
+from ..config import ModelConfig, parse_model_name
 from ._transformer import DiffusionTransformer
 
 
