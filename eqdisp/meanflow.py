@@ -462,20 +462,24 @@ class MeanFlow(AbstractObjective):
         key: PRNGKeyArray,
         disp: DispConfig,
         tap_blocks: tuple[int, ...],
-    ) -> tuple[Float[Array, ""], Float[Array, " taps"]]:
+    ) -> tuple[Float[Array, ""], Float[Array, " taps"], dict[str, Float[Array, ""]]]:
+        """MeanFlow's adaptively weighted loss (close to 1 by construction: ``err / (err +
+        0.01)``), the primal taps' regularisers, and for the log the unweighted loss
+        ``loss_mf_unweighted`` and ``v_loss`` (`meanflow_loss`)."""
         if tap_blocks and disp.contrastive != "off":
             raise ConfigError(
                 f"disp.contrastive={disp.contrastive!r} is not allowed with MeanFlow: expected "
                 "'off' (the contrastive counterparts are defined for one-time objectives)"
             )
         net = _ModelNet(model)
-        loss_mf, _, taps = meanflow_terms(
+        loss_mf, metrics, taps = meanflow_terms(
             net, x1, y, key=key, num_classes=self.num_classes, config=self.config,
             tap_blocks=tap_blocks,
         )
+        logs = {k: metrics[k] for k in ("loss_mf_unweighted", "v_loss")}
         if not tap_blocks:
-            return loss_mf, jnp.zeros((0,), jnp.float32)
-        return loss_mf, block_regularizers(taps.blocks, disp)
+            return loss_mf, jnp.zeros((0,), jnp.float32), logs
+        return loss_mf, block_regularizers(taps.blocks, disp), logs
 
     def draw_samples(
         self,

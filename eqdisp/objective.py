@@ -46,10 +46,11 @@ class AbstractObjective(eqx.Module):
         key: PRNGKeyArray,
         disp: DispConfig,
         tap_blocks: tuple[int, ...],
-    ) -> tuple[Float[Array, ""], Float[Array, " taps"]]:
-        """The objective's own loss on a batch of data `x1` and the unweighted regulariser
-        (``disp``'s variant) of each block of `tap_blocks` (0-based), computed on the same
-        forward pass. Empty `tap_blocks`: no block is tapped and the second output is empty."""
+    ) -> tuple[Float[Array, ""], Float[Array, " taps"], dict[str, Float[Array, ""]]]:
+        """``(loss, per_block, logs)``: the objective's own loss on a batch of data `x1`, the
+        unweighted regulariser (``disp``'s variant) of each block of `tap_blocks` (0-based),
+        computed on the same forward pass (empty when `tap_blocks` is), and any other scalars
+        worth logging (e.g. MeanFlow's unweighted loss; SiT and DiT log none)."""
 
     @abc.abstractmethod
     def draw_samples(
@@ -123,7 +124,7 @@ class AbstractNoisingObjective(AbstractObjective):
         key: PRNGKeyArray,
         disp: DispConfig,
         tap_blocks: tuple[int, ...],
-    ) -> tuple[Float[Array, ""], Float[Array, " taps"]]:
+    ) -> tuple[Float[Array, ""], Float[Array, " taps"], dict[str, Float[Array, ""]]]:
         batch = x1.shape[0]
         key_noise, key_time, key_drop, key_view = jr.split(key, 4)
         x0 = jr.normal(key_noise, x1.shape, x1.dtype)
@@ -138,14 +139,14 @@ class AbstractNoisingObjective(AbstractObjective):
         per_example, taps = jax.vmap(forward)(x0, x1, t, y, drop_keys)
         loss_diff = jnp.mean(per_example)
         if not tap_blocks:
-            return loss_diff, jnp.zeros((0,), jnp.float32)
+            return loss_diff, jnp.zeros((0,), jnp.float32), {}
         if disp.contrastive == "off":
-            return loss_diff, block_regularizers(taps.blocks, disp, None)
+            return loss_diff, block_regularizers(taps.blocks, disp, None), {}
         key_noise2, key_time2 = jr.split(key_view)
         x0_pos = jr.normal(key_noise2, x1.shape, x1.dtype)
         t_pos = _second_view_time(key_time2, t, disp, self)
         _, taps_pos = jax.vmap(forward)(x0_pos, x1, t_pos, y, drop_keys)
-        return loss_diff, block_regularizers(taps.blocks, disp, taps_pos.blocks)
+        return loss_diff, block_regularizers(taps.blocks, disp, taps_pos.blocks), {}
 
 
 def regularizer(
@@ -233,20 +234,22 @@ def training_loss(
 
     **Returns:**
 
-    ``(loss, metrics)`` with ``metrics = {"loss_diff": ..., "loss_disp": ...}``; ``loss_disp`` is the
-    unweighted regulariser (0 for the baseline).
+    ``(loss, metrics)`` with ``metrics = {"loss_diff": ..., "loss_disp": ..., **logs}``;
+    ``loss_disp`` is the unweighted regulariser (0 for the baseline), ``logs`` the objective's
+    other scalars (`AbstractObjective.training_terms`).
     """
     # Tap only the regularised blocks (none for the baseline): under scan, slicing some taps out of
     # all of them keeps the whole (depth, tokens, dim) stack and its cotangent alive.
     tap_blocks = disp.block_indices(model.depth) if disp.active else ()
-    loss_diff, per_block = objective.training_terms(
+    loss_diff, per_block, logs = objective.training_terms(
         model, x1, y, key=key, disp=disp, tap_blocks=tap_blocks
     )
     if not disp.active:
-        return loss_diff, {"loss_diff": loss_diff, "loss_disp": jnp.zeros((), jnp.float32)}
+        zero = jnp.zeros((), jnp.float32)
+        return loss_diff, {"loss_diff": loss_diff, "loss_disp": zero, **logs}
     loss_disp = jnp.mean(per_block)
     loss = loss_diff + disp.weight * loss_disp
-    return loss, {"loss_diff": loss_diff, "loss_disp": loss_disp}
+    return loss, {"loss_diff": loss_diff, "loss_disp": loss_disp, **logs}
 
 
 def loss_terms(
@@ -274,7 +277,10 @@ def loss_terms(
     of the k-th block of ``disp.block_indices(model.depth)``, empty for ``variant="none"``.
     """
     tap_blocks = disp.block_indices(model.depth) if disp.variant != "none" else ()
-    return objective.training_terms(model, x1, y, key=key, disp=disp, tap_blocks=tap_blocks)
+    loss_diff, per_block, _ = objective.training_terms(
+        model, x1, y, key=key, disp=disp, tap_blocks=tap_blocks
+    )
+    return loss_diff, per_block
 
 
 __all__ = [
