@@ -7,8 +7,8 @@ its batch loss terms (`training_terms`), how a model trained with it samples (`d
 ``Heun``), the abstract classes live here and the concrete objectives are final classes beside
 their math: SiT's :class:`eqdisp.transport.Transport` and DiT's
 :class:`eqdisp.diffusion.GaussianDiffusion`, both `AbstractNoisingObjective`s (noise the data at a
-sampled time, regress the network's output); :func:`eqdisp.families.make_objective` picks one for
-a configuration.
+sampled time, regress the network's output), and :class:`eqdisp.meanflow.MeanFlow` (a JVP
+target); :func:`eqdisp.families.make_objective` picks one for a configuration.
 
 `training_loss` is the paper's Eq. 1:
 ``L = mean_i L_diff(x_i) + lambda * mean_b L_disp({z_i^b})`` where ``z^b`` is the output of block
