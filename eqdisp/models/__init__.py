@@ -4,6 +4,7 @@ Every model maps one example `(x, t, y)` to `(out, Taps)` with `forward_with_tap
 returns `out` only. Batch with `jax.vmap`.
 """
 
+from ..config import MODEL_SIZES, PATCH_SIZES, ModelSpec, parse_model_name
 from ._base import AbstractDiffusionModel, Taps
 from ._embed import (
     LabelEmbedder,
@@ -14,7 +15,6 @@ from ._embed import (
     timestep_embedding,
     unpatchify,
 )
-from ..config import MODEL_SIZES, PATCH_SIZES, ModelSpec, parse_model_name
 from ._registry import Implementation, make_model, resolve_implementation
 from ._transformer import DiffusionTransformer, FinalLayer, TransformerBlock
 

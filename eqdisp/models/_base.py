@@ -4,7 +4,27 @@ import abc
 from collections.abc import Sequence
 
 import equinox as eqx
+import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+
+def check_tap_blocks(
+    tap_blocks: Sequence[int] | None, depth: int, *, unit: str = "block"
+) -> tuple[int, ...]:
+    """`tap_blocks` as a tuple of ints: increasing 0-based indices below `depth` (`None`: all).
+
+    **Raises:** `ValueError` naming the bad value; `unit` names what is counted (``"ResBlock"``).
+    """
+    if tap_blocks is None:
+        return tuple(range(depth))
+    blocks = tuple(tap_blocks)
+    in_range = all(isinstance(b, (int, np.integer)) and 0 <= b < depth for b in blocks)
+    if not in_range or list(blocks) != sorted(set(blocks)):
+        raise ValueError(
+            f"tap_blocks={tap_blocks!r} is not allowed: expected increasing 0-based {unit} "
+            f"indices below the depth {depth}, or None for every {unit}"
+        )
+    return tuple(int(b) for b in blocks)
 
 
 class Taps(eqx.Module):

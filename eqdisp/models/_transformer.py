@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
-from ._base import AbstractDiffusionModel, Taps
+from ._base import AbstractDiffusionModel, Taps, check_tap_blocks
 from ._embed import (
     LabelEmbedder,
     PatchEmbed,
@@ -55,19 +55,6 @@ def _cast_floating(tree: PyTree, dtype: jnp.dtype) -> PyTree:
     # Casting inside the forward keeps float32 master weights: the gradient of `astype` casts the
     # cotangent back, so gradients arrive in float32 at the float32 leaves.
     return jax.tree.map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, tree)
-
-
-def _check_tap_blocks(tap_blocks: Sequence[int] | None, depth: int) -> tuple[int, ...]:
-    if tap_blocks is None:
-        return tuple(range(depth))
-    blocks = tuple(tap_blocks)
-    in_range = all(isinstance(b, (int, np.integer)) and 0 <= b < depth for b in blocks)
-    if not in_range or list(blocks) != sorted(set(blocks)):
-        raise ValueError(
-            f"tap_blocks={tap_blocks!r} is not allowed: expected increasing 0-based block indices "
-            f"below the depth {depth}, or None for every block"
-        )
-    return tuple(int(b) for b in blocks)
 
 
 def _unstack(tree: PyTree, n: int) -> list[PyTree]:
@@ -505,7 +492,7 @@ class DiffusionTransformer(AbstractDiffusionModel):
         residual stream after the `tap_blocks` blocks and the conditioning vector, in the compute
         dtype.
         """
-        tap_blocks = _check_tap_blocks(tap_blocks, self.depth)
+        tap_blocks = check_tap_blocks(tap_blocks, self.depth)
         model = self
         if self.dtype != "float32":
             model = _cast_floating(self, jnp.dtype(self.dtype))

@@ -23,10 +23,9 @@ from typing import Literal, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
-from ._base import AbstractDiffusionModel
+from ._base import AbstractDiffusionModel, check_tap_blocks
 from ._embed import dense, timestep_embedding
 
 DEFAULT_DISP_BLOCK: int = 15
@@ -382,19 +381,6 @@ def _check_config(
         raise ValueError(f"dtype={dtype!r} is not allowed: expected 'float32' or 'bfloat16'")
 
 
-def _check_tap_blocks(tap_blocks: Sequence[int] | None, depth: int) -> tuple[int, ...]:
-    if tap_blocks is None:
-        return tuple(range(depth))
-    blocks = tuple(tap_blocks)
-    in_range = all(isinstance(b, (int, np.integer)) and 0 <= b < depth for b in blocks)
-    if not in_range or list(blocks) != sorted(set(blocks)):
-        raise ValueError(
-            f"tap_blocks={tap_blocks!r} is not allowed: expected increasing 0-based ResBlock "
-            f"indices below the depth {depth}, or None for every ResBlock"
-        )
-    return tuple(int(b) for b in blocks)
-
-
 def _cast_compute(tree: PyTree, dtype: jnp.dtype) -> PyTree:
     # Cast every floating leaf but the GroupNorm affines (GroupNorm runs in float32, §2.2). Casting
     # inside the forward keeps float32 master weights: `astype`'s transpose casts the cotangent
@@ -621,7 +607,7 @@ class UNet(AbstractDiffusionModel):
         the wrong channels or size.
         """
         del y  # unconditional (flow_matching's cifar10 model has num_classes=None)
-        tap_blocks = _check_tap_blocks(tap_blocks, self.depth)
+        tap_blocks = check_tap_blocks(tap_blocks, self.depth, unit="ResBlock")
         c, height, width = x.shape
         factor = self.downsample_factor
         if c != self.in_channels or height % factor or width % factor:
