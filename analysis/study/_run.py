@@ -276,7 +276,7 @@ def run_study(
     out = pathlib.Path(out).absolute()
     for arm in study.arms:  # every arm's flags are valid before hours of work start
         study.config(arm, 0, out)
-    cores_per_run(jobs)
+    cores = cores_per_run(jobs)  # checks `jobs` before anything is written
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "study.json", {"name": study.name, "description": study.description,
                                      "protocol": dataclasses.asdict(study.protocol),
@@ -304,7 +304,7 @@ def run_study(
             report(seed, arm, result, len(todo) - i - 1)
     else:
         _run_in_processes(study, out, todo, jobs, report)
-    results = [read_result(study, out, a, s, cores=cores_per_run(jobs)) for s, a, _ in units]
+    results = [read_result(study, out, a, s, cores=cores) for s, a, _ in units]
     if any(r is None for r in results):
         raise AnalysisError(f"{out}: some runs have no result after running; rerun the study")
     return results
