@@ -13,6 +13,7 @@ included, so every path computes) and the data are Gaussian. Needs `torch`, whic
 depend on; this module is imported only when the reference is asked for.
 """
 
+import contextlib
 import copy
 import math
 import statistics
@@ -117,14 +118,23 @@ def _dispersive(z: torch.Tensor, group: int = 16, tau: float = 0.5) -> torch.Ten
     return (torch.logsumexp(-dist.flatten(1) / tau, dim=-1) - math.log(group * group)).mean()
 
 
-def _describe(name: str, batch: int) -> dict:
+def _describe(name: str, batch: int, dtype: str) -> dict:
     return {
         "impl": "pytorch",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "model": name,
         "batch": batch,
+        "dtype": dtype if dtype == "float32" else f"{dtype} (torch.autocast)",
     }
+
+
+def _autocast(dtype: str):
+    """`torch.autocast` on the CPU for bfloat16 (matmuls in bf16, what autocast keeps in float32
+    stays so), a no-op context for float32."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=getattr(torch, dtype))
 
 
 def _timed(fn, steps: int, warmup: int) -> list[float]:
@@ -139,9 +149,16 @@ def _timed(fn, steps: int, warmup: int) -> list[float]:
 
 
 def bench_reference_step(
-    name: str, batch: int, *, disp: bool = True, steps: int = 5, warmup: int = 2
+    name: str,
+    batch: int,
+    *,
+    disp: bool = True,
+    dtype: str = "float32",
+    steps: int = 5,
+    warmup: int = 2,
 ) -> dict:
-    """Median train-step time of the PyTorch reference (AdamW + EMA, dispersive term if `disp`)."""
+    """Median train-step time of the PyTorch reference (AdamW + EMA, dispersive term if `disp`);
+    `dtype="bfloat16"` runs the forward under `torch.autocast` (the backward follows it)."""
     if disp and batch % 16:
         raise ConfigError(
             f"--batch {batch} is not allowed with the dispersive term: expected a multiple of 16"
@@ -160,10 +177,11 @@ def bench_reference_step(
         x0 = torch.randn_like(x1)
         t = torch.rand(batch)
         t4 = t[:, None, None, None]
-        out, tap = model(t4 * x1 + (1 - t4) * x0, t, y)
-        loss = ((out - (x1 - x0)) ** 2).mean()
+        with _autocast(dtype):
+            out, tap = model(t4 * x1 + (1 - t4) * x0, t, y)
+        loss = ((out.float() - (x1 - x0)) ** 2).mean()
         if disp:
-            loss = loss + 0.5 * _dispersive(tap)
+            loss = loss + 0.5 * _dispersive(tap.float())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -173,7 +191,7 @@ def bench_reference_step(
     times = _timed(step, steps, warmup)
     median = statistics.median(times)
     return {
-        **_describe(name, batch),
+        **_describe(name, batch, dtype),
         "variant": "infonce_l2" if disp else "none",
         "step_s_median": round(median, 4),
         "step_s_min": round(min(times), 4),
@@ -182,16 +200,19 @@ def bench_reference_step(
     }
 
 
-def bench_reference_forward(name: str, batch: int, *, evals: int = 6) -> dict:
-    """Median time of one network evaluation without gradients (one NFE of a sampler)."""
+def bench_reference_forward(
+    name: str, batch: int, *, dtype: str = "float32", evals: int = 6
+) -> dict:
+    """Median time of one network evaluation without gradients (one NFE of a sampler), under
+    `torch.autocast` for `dtype="bfloat16"`."""
     torch.manual_seed(0)
     model = TorchSiT(name).eval()
     x = torch.randn(batch, 4, 32, 32)
     y = torch.randint(0, 1000, (batch,))
     t = torch.full((batch,), 0.5)
-    with torch.no_grad():
+    with torch.no_grad(), _autocast(dtype):
         times = _timed(lambda: model(x, t, y), evals, warmup=1)
     return {
-        **_describe(name, batch),
+        **_describe(name, batch, dtype),
         "ms_per_nfe": round(1000 * statistics.median(times), 1),
     }

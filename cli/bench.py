@@ -26,6 +26,8 @@ class Step:
     batch: int = 32
     disp: DispConfig = DispConfig()
     dtype: Literal["float32", "bfloat16"] = "float32"
+    bf16_mode: Literal["auto", "cast", "dots"] = "auto"
+    """How bfloat16 is applied (``ModelConfig.bf16_mode``); ``auto``: dots on CPU, cast elsewhere."""
     block_impl: Literal["auto", "scan", "unroll"] = "auto"
     """``auto``: scan on CPU, unrolled on accelerators."""
     attention: Literal["auto", "einsum", "xla", "cudnn"] = "auto"
@@ -42,7 +44,7 @@ class Step:
 
         return bench_step(
             self.model, self.batch, disp=self.disp, dtype=self.dtype, block_impl=self.block_impl,
-            attention=self.attention, remat=self.remat, steps=self.steps,
+            attention=self.attention, remat=self.remat, bf16_mode=self.bf16_mode, steps=self.steps,
         )
 
 
@@ -74,13 +76,19 @@ class Sample:
     method: Literal["heun", "euler"] = "heun"
     evals: int = 0
     """If > 0, time only this many grid points and extrapolate to ``steps``."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    bf16_mode: Literal["auto", "cast", "dots"] = "auto"
+    """How bfloat16 is applied (``ModelConfig.bf16_mode``); ``auto``: dots on CPU, cast elsewhere."""
     json: str | None = None
     """Also write all figures as JSON to this file; ``-`` prints the JSON instead of the summary."""
 
     def run(self) -> dict:
         from eqdisp.bench import bench_sample
 
-        return bench_sample(self.model, self.batch, steps=self.steps, method=self.method, evals=self.evals)
+        return bench_sample(
+            self.model, self.batch, steps=self.steps, method=self.method, evals=self.evals,
+            dtype=self.dtype, bf16_mode=self.bf16_mode,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +103,8 @@ class Reference:
     """Add the dispersive term (InfoNCE-L2, block depth/4, groups of 16, tau 0.5, lambda 0.5)."""
     nfe: bool = False
     """Time one forward pass without gradients instead of a train step."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """``bfloat16``: run the forward under ``torch.autocast`` (PyTorch's mixed precision)."""
     steps: int = 5
     """Timed steps or evaluations (after warm-up)."""
     threads: int | None = None
@@ -115,10 +125,12 @@ class Reference:
         if self.threads is not None:
             _torch_sit.torch.set_num_threads(self.threads)
         if self.nfe:
-            figures = _torch_sit.bench_reference_forward(self.model, self.batch, evals=self.steps)
+            figures = _torch_sit.bench_reference_forward(
+                self.model, self.batch, dtype=self.dtype, evals=self.steps
+            )
         else:
             figures = _torch_sit.bench_reference_step(
-                self.model, self.batch, disp=self.disp, steps=self.steps
+                self.model, self.batch, disp=self.disp, dtype=self.dtype, steps=self.steps
             )
         return {**figures, "cpu": cpu_info()}
 

@@ -192,6 +192,7 @@ def _setup(
     block_impl: str = "auto",
     attention: str = "auto",
     remat: str = "auto",
+    bf16_mode: str = "auto",
 ):
     if disp.active and disp.group_size is not None and batch % disp.group_size:
         raise ConfigError(
@@ -199,7 +200,13 @@ def _setup(
         )
     key_model, key_state, key_x = jr.split(jr.key(0), 3)
     model = make_model(
-        name, key=key_model, dtype=dtype, block_impl=block_impl, attention=attention, remat=remat
+        name,
+        key=key_model,
+        dtype=dtype,
+        block_impl=block_impl,
+        attention=attention,
+        remat=remat,
+        bf16_mode=bf16_mode,
     )
     optimizer = make_optimizer(OptimConfig())
     state = init_train_state(model, optimizer, key=key_state)
@@ -218,14 +225,16 @@ def bench_step(
     block_impl: str = "auto",
     attention: str = "auto",
     remat: str = "auto",
+    bf16_mode: str = "auto",
     steps: int = 5,
     warmup: int = 2,
 ) -> dict:
     """Compile time, median step time, images/s, FLOPs, GFLOP/s, MFU and memory of one train step."""
     peak = matmul_peak(dtype=dtype)
-    state, step, x, y = _setup(name, batch, disp, dtype, block_impl, attention, remat)
+    state, step, x, y = _setup(name, batch, disp, dtype, block_impl, attention, remat, bf16_mode)
     model = state.model  # the "auto" choices, resolved
     block_impl, attention, remat = model.block_impl, model.blocks.attention_impl, model.remat
+    bf16_mode = model.bf16_mode
     program = _compile(step, state, x, y)
     memory = program.memory
     _timed(program.run, warmup)
@@ -242,6 +251,7 @@ def bench_step(
         "batch": batch,
         "variant": disp.variant if disp.active else "none",
         "dtype": dtype,
+        "bf16_mode": bf16_mode if dtype == "bfloat16" else None,
         "block_impl": block_impl,
         "attention": attention,
         "remat": remat,
@@ -308,14 +318,21 @@ def bench_disp(name: str, batch: int, *, disp: DispConfig = DispConfig(), rounds
 
 
 def bench_sample(
-    name: str, batch: int, *, steps: int = 250, method: str = "heun", evals: int = 0
+    name: str,
+    batch: int,
+    *,
+    steps: int = 250,
+    method: str = "heun",
+    evals: int = 0,
+    dtype: str = "float32",
+    bf16_mode: str = "auto",
 ) -> dict:
     """Milliseconds per network evaluation and images/s of the ODE sampler.
 
     With ``evals > 0`` only that many grid points are integrated and the full ``steps`` run is
     extrapolated (the cost per evaluation does not depend on the position on the grid).
     """
-    model = make_model(name, key=jr.key(0))
+    model = make_model(name, key=jr.key(0), dtype=dtype, bf16_mode=bf16_mode)
     transport = make_transport(TransportConfig())
     grid = evals if evals else steps
     config = SamplerConfig(ode_method=method, steps=grid)
@@ -335,6 +352,8 @@ def bench_sample(
     return {
         "model": name,
         "batch": batch,
+        "dtype": dtype,
+        "bf16_mode": model.bf16_mode if dtype == "bfloat16" else None,
         "method": method,
         "steps": steps,
         "nfe": full_nfe,

@@ -87,6 +87,7 @@ def parse_model_name(name: str) -> ModelSpec:
 
 BlockImpl = Literal["auto", "unroll", "scan"]
 ComputeDtype = Literal["float32", "bfloat16"]
+Bf16Mode = Literal["auto", "cast", "dots"]
 AttentionImpl = Literal["auto", "einsum", "xla", "cudnn"]
 Remat = Literal["auto", "none", "dots", "full"]
 TimeConvention = Literal["sit", "repa"]
@@ -113,6 +114,8 @@ class ModelConfig:
     """Run the stacked blocks under ``lax.scan`` or unrolled; ``auto``: scan on CPU (with remat, SiT-S/2 batch 32 on 2 cores: 1.29x faster than unrolled; XL/2 compiles in 6 s instead of 86 s), unrolled elsewhere (1.55x faster for SiT-B/2 on an H200)."""
     dtype: ComputeDtype = "float32"
     """Compute dtype of the forward pass; parameters stay float32 (master weights)."""
+    bf16_mode: Bf16Mode = "auto"
+    """How ``dtype bfloat16`` is applied: ``cast`` runs the network in bfloat16 (LayerNorm statistics and softmax in float32); ``dots`` keeps activations float32 and gives the blocks' matmuls and attention bfloat16 operands with float32 accumulation, forward and backward, in the forms XLA:CPU runs on AMX/AVX-512-BF16. ``auto``: dots on CPU, cast elsewhere. No effect with float32."""
     attention: AttentionImpl = "auto"
     """Attention kernel: ``einsum`` (two einsums, float32 softmax), ``xla`` (``jax.nn.dot_product_attention``) or ``cudnn`` (its cuDNN flash attention: NVIDIA GPUs, ``dtype bfloat16``); ``auto``: cudnn where it applies (1.3x faster for SiT-B/2 on an H200), else einsum (the fastest measured on CPU)."""
     remat: Remat = "auto"
@@ -132,6 +135,20 @@ class ModelConfig:
         )
         _check_choice("model.block_impl", self.block_impl, get_args(BlockImpl))
         _check_choice("model.dtype", self.dtype, get_args(ComputeDtype))
+        _check_choice("model.bf16_mode", self.bf16_mode, get_args(Bf16Mode))
+        _check(
+            self.attention != "cudnn" or self.bf16_mode != "dots",
+            "model.bf16_mode",
+            self.bf16_mode,
+            "'auto' or 'cast' with attention cudnn (cuDNN flash attention takes bfloat16 activations)",
+        )
+        _check(
+            self.bf16_mode != "dots" or not str(self.name).startswith("MF-"),
+            "model.bf16_mode",
+            self.bf16_mode,
+            f"'auto' or 'cast' for model.name={self.name!r} (MeanFlow differentiates the network "
+            "forward-mode, which the 'dots' kernels do not support)",
+        )
         _check_choice("model.attention", self.attention, get_args(AttentionImpl))
         _check_choice("model.remat", self.remat, get_args(Remat))
         _check(

@@ -94,13 +94,15 @@ def test_reference_records_the_cpu_and_prints_a_summary(monkeypatch, capsys):
     from eqdisp.bench import cpu_info
 
     fake = types.ModuleType("cli._torch_sit")
-    fake.bench_reference_step = lambda name, batch, *, disp, steps: {
-        "impl": "pytorch", "model": name, "batch": batch, "step_s_median": 0.5, "images_per_s": 64.0
+    fake.bench_reference_step = lambda name, batch, *, disp, dtype, steps: {
+        "impl": "pytorch", "model": name, "batch": batch, "dtype": dtype, "step_s_median": 0.5,
+        "images_per_s": 64.0,
     }
     monkeypatch.delattr("cli._torch_sit", raising=False)
     monkeypatch.setitem(sys.modules, "cli._torch_sit", fake)
-    figures = main(["reference", "SiT-S/2"])
+    figures = main(["reference", "SiT-S/2", "--dtype", "bfloat16"])
     assert figures["cpu"] == cpu_info() and figures["images_per_s"] == 64.0
+    assert figures["dtype"] == "bfloat16"
     lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
     assert lines[0].startswith("cpu: ") and "step_s_median: 0.5 s" in lines
     assert "images_per_s: 64.0 img/s" in lines

@@ -16,6 +16,7 @@ class Implementation(NamedTuple):
     block_impl: str
     attention: str
     remat: str
+    bf16_mode: str
 
 
 def resolve_implementation(
@@ -25,19 +26,24 @@ def resolve_implementation(
 
     On CPU: blocks under `lax.scan`, einsum attention, `remat="dots"` (on 2 cores, SiT-S/2 batch
     32 fwd+bwd spends a quarter of its time writing and reading stacked activations; recomputing
-    attention instead is 1.28x faster). Elsewhere: unrolled blocks, no remat, and cuDNN flash
-    attention on an NVIDIA GPU (CUDA platform) with bfloat16 compute, einsum otherwise. Explicit
-    choices are returned unchanged.
+    attention instead is 1.28x faster) and `bf16_mode="dots"` (bfloat16 dot operands in the
+    forms that reach AMX/AVX-512-BF16; XLA:CPU runs everything else in float32 anyway).
+    Elsewhere: unrolled blocks, no remat, `bf16_mode="cast"`, and cuDNN flash attention on an
+    NVIDIA GPU (CUDA platform) with bfloat16 compute, einsum otherwise. Explicit choices are
+    returned unchanged.
     """
     if backend is None:
         backend = jax.default_backend()
         platform_version = jax.devices()[0].client.platform_version
     on_cpu = backend == "cpu"
+    is_meanflow = parse_model_name(config.name).family == "MF"
     on_cuda = backend == "gpu" and "cuda" in (platform_version or "").lower()
     auto = {
         "block_impl": "scan" if on_cpu else "unroll",
         "attention": "cudnn" if on_cuda and config.dtype == "bfloat16" else "einsum",
         "remat": "dots" if on_cpu else "none",
+        # MeanFlow differentiates the network forward-mode (jvp): no custom_vjp kernels.
+        "bf16_mode": "dots" if on_cpu and not is_meanflow else "cast",
     }
     chosen = {field: getattr(config, field) for field in Implementation._fields}
     return Implementation(**{f: auto[f] if v == "auto" else v for f, v in chosen.items()})
@@ -53,7 +59,8 @@ def make_model(
     - `name_or_config`: a model name (see `parse_model_name`) or a `ModelConfig`.
     - `key`: a PRNG key for the initialisation.
     - `**overrides`: `ModelConfig` fields to replace (`input_size`, `in_channels`, `num_classes`,
-        `learn_sigma`, `class_dropout_prob`, `block_impl`, `dtype`, `attention`, `remat`).
+        `learn_sigma`, `class_dropout_prob`, `block_impl`, `dtype`, `bf16_mode`, `attention`,
+        `remat`).
 
     **Returns:** a `DiffusionTransformer` with float32 parameters.
 
@@ -87,6 +94,7 @@ def make_model(
         time_convention=config.time_convention,
         block_impl=implementation.block_impl,
         dtype=config.dtype,
+        bf16_mode=implementation.bf16_mode,
         attention=implementation.attention,
         remat=implementation.remat,
         key=key,

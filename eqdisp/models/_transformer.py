@@ -15,6 +15,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from ._base import AbstractDiffusionModel, Taps, check_tap_blocks
+from ._mixed import attention_bf16, linear_bf16
 from ._embed import (
     LabelEmbedder,
     PatchEmbed,
@@ -86,6 +87,7 @@ class TransformerBlock(eqx.Module):
     adaln_modulation: eqx.nn.Linear
     num_heads: int = eqx.field(static=True)
     attention_impl: Literal["einsum", "xla", "cudnn"] = eqx.field(static=True)
+    matmul: Literal["float32", "bfloat16"] = eqx.field(static=True)
 
     def __init__(
         self,
@@ -93,9 +95,13 @@ class TransformerBlock(eqx.Module):
         num_heads: int,
         mlp_ratio: float = 4.0,
         attention: Literal["einsum", "xla", "cudnn"] = "einsum",
+        matmul: Literal["float32", "bfloat16"] = "float32",
         *,
         key: PRNGKeyArray,
     ):
+        """`matmul="bfloat16"`: the token-wise linear layers and einsum attention take float32
+        activations and run their dots, forward and backward, on bfloat16 operands with float32
+        accumulation (`linear_bf16`, `attention_bf16`); everything else stays float32."""
         qkv_key, proj_key, fc1_key, fc2_key, ada_key = jax.random.split(key, 5)
         hidden = int(dim * mlp_ratio)
         # xavier on the fused qkv matrix (fan_out = 3D), zero biases (§1.8).
@@ -106,6 +112,7 @@ class TransformerBlock(eqx.Module):
         self.adaln_modulation = make_linear(dim, 6 * dim, "zero", key=ada_key)
         self.num_heads = num_heads
         self.attention_impl = attention
+        self.matmul = matmul
 
     def __check_init__(self):
         dim = self.proj.weight.shape[-1]
@@ -114,6 +121,10 @@ class TransformerBlock(eqx.Module):
         if self.attention_impl not in ("einsum", "xla", "cudnn"):
             raise ValueError(
                 f"attention={self.attention_impl!r} is not allowed: expected 'einsum', 'xla' or 'cudnn'"
+            )
+        if self.matmul not in ("float32", "bfloat16"):
+            raise ValueError(
+                f"matmul={self.matmul!r} is not allowed: expected 'float32' or 'bfloat16'"
             )
 
     def attention(self, x: Float[Array, "tokens dim"]) -> Float[Array, "tokens dim"]:
@@ -129,8 +140,11 @@ class TransformerBlock(eqx.Module):
         heads = self.num_heads
         head_dim = dim // heads
         # qkv feature index is s*D + h*hd + d with s in (q, k, v).
-        qkv = dense(self.qkv, x).reshape(tokens, 3, heads, head_dim)
-        if self.attention_impl == "einsum":
+        qkv = self._dense(self.qkv, x).reshape(tokens, 3, heads, head_dim)
+        if self.attention_impl == "einsum" and self.matmul == "bfloat16":
+            q, k, v = qkv.transpose(1, 2, 0, 3)
+            out = attention_bf16(q * head_dim**-0.5, k, v).transpose(1, 0, 2)
+        elif self.attention_impl == "einsum":
             q, k, v = qkv.transpose(1, 2, 0, 3)
             q = q * head_dim**-0.5
             scores = jnp.einsum("hnd,hmd->hnm", q, k, preferred_element_type=jnp.float32)
@@ -139,11 +153,16 @@ class TransformerBlock(eqx.Module):
         else:
             q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
             out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
-        return dense(self.proj, out.reshape(tokens, dim))
+        return self._dense(self.proj, out.reshape(tokens, dim))
 
     def mlp(self, x: Float[Array, "tokens dim"]) -> Float[Array, "tokens dim"]:
         """fc1 (4D) -> tanh-approximated GELU -> fc2 (timm `Mlp`)."""
-        return dense(self.fc2, jax.nn.gelu(dense(self.fc1, x), approximate=True))
+        return self._dense(self.fc2, jax.nn.gelu(self._dense(self.fc1, x), approximate=True))
+
+    def _dense(self, linear: eqx.nn.Linear, x: Float[Array, "tokens d_in"]) -> Float[Array, "tokens d_out"]:
+        if self.matmul == "bfloat16":
+            return linear_bf16(x, linear.weight, linear.bias)
+        return dense(linear, x)
 
     def __call__(
         self, x: Float[Array, "tokens dim"], c: Float[Array, " dim"]
@@ -229,6 +248,7 @@ class DiffusionTransformer(AbstractDiffusionModel):
     learn_sigma: bool = eqx.field(static=True)
     block_impl: Literal["unroll", "scan"] = eqx.field(static=True)
     dtype: Literal["float32", "bfloat16"] = eqx.field(static=True)
+    bf16_mode: Literal["cast", "dots"] = eqx.field(static=True)
     remat: Literal["none", "dots", "full"] = eqx.field(static=True)
     time_convention: Literal["sit", "repa"] = eqx.field(static=True)
 
@@ -248,6 +268,7 @@ class DiffusionTransformer(AbstractDiffusionModel):
         family: Literal["SiT", "DiT", "MF"] = "SiT",
         block_impl: Literal["unroll", "scan"] = "scan",
         dtype: Literal["float32", "bfloat16"] = "float32",
+        bf16_mode: Literal["cast", "dots"] = "cast",
         attention: Literal["einsum", "xla", "cudnn"] = "einsum",
         remat: Literal["none", "dots", "full"] = "none",
         time_convention: Literal["sit", "repa"] = "sit",
@@ -266,6 +287,11 @@ class DiffusionTransformer(AbstractDiffusionModel):
             `models/models_dit.py`), `c = t_emb(t) + h_emb(h) + y_emb(y)`.
         - `block_impl`: `"unroll"` or `"scan"`.
         - `dtype`: compute dtype; parameters are float32 either way.
+        - `bf16_mode`: how `dtype="bfloat16"` is applied: `"cast"` runs the network in bfloat16
+            (LayerNorm statistics and softmax in float32); `"dots"` keeps activations float32
+            and gives the blocks' token-wise matmuls and attention bfloat16 operands with float32
+            accumulation, forward and backward (`eqdisp.models._mixed`: the form that reaches a
+            CPU's AMX/AVX-512-BF16 units through XLA). Ignored for float32.
         - `attention`: `"einsum"`, `"xla"` or `"cudnn"` (see `TransformerBlock.attention`).
         - `remat`: what the backward pass recomputes in each block instead of storing:
             `"none"`; `"dots"` keeps the outputs of the linear layers and recomputes attention
@@ -283,7 +309,10 @@ class DiffusionTransformer(AbstractDiffusionModel):
         self.x_embedder = PatchEmbed(in_channels, dim, patch_size, key=patch_key)
         self.t_embedder = TimestepEmbedder(dim, key=t_key)
         self.y_embedder = LabelEmbedder(num_classes, dim, class_dropout_prob, key=y_key)
-        make_block = lambda k: TransformerBlock(dim, num_heads, mlp_ratio, attention, key=k)
+        matmul = "bfloat16" if dtype == "bfloat16" and bf16_mode == "dots" else "float32"
+        make_block = lambda k: TransformerBlock(
+            dim, num_heads, mlp_ratio, attention, matmul, key=k
+        )
         self.blocks = eqx.filter_vmap(make_block)(jax.random.split(blocks_key, depth))
         self.final_layer = FinalLayer(dim, patch_size, out_channels, key=final_key)
         # A key of its own, so SiT and DiT initialise exactly as before the MF family existed.
@@ -297,6 +326,7 @@ class DiffusionTransformer(AbstractDiffusionModel):
         self.learn_sigma = learn_sigma
         self.block_impl = block_impl
         self.dtype = dtype
+        self.bf16_mode = bf16_mode
         self.remat = remat
         self.time_convention = time_convention
 
@@ -326,6 +356,20 @@ class DiffusionTransformer(AbstractDiffusionModel):
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(
                 f"dtype={self.dtype!r} is not allowed: expected 'float32' or 'bfloat16'"
+            )
+        if self.bf16_mode not in ("cast", "dots"):
+            raise ValueError(
+                f"bf16_mode={self.bf16_mode!r} is not allowed: expected 'cast' or 'dots'"
+            )
+        if self.family == "MF" and self.blocks.matmul == "bfloat16":
+            raise ValueError(
+                "bf16_mode='dots' is not allowed for family='MF': expected 'cast' (MeanFlow "
+                "differentiates the network forward-mode, which the 'dots' kernels do not support)"
+            )
+        if self.bf16_mode == "dots" and self.blocks.attention_impl == "cudnn":
+            raise ValueError(
+                "attention='cudnn' is not allowed with bf16_mode='dots': expected bf16_mode='cast' "
+                "(cuDNN flash attention takes bfloat16 activations)"
             )
         if self.remat not in _REMAT_POLICIES:
             raise ValueError(
@@ -494,7 +538,7 @@ class DiffusionTransformer(AbstractDiffusionModel):
         """
         tap_blocks = check_tap_blocks(tap_blocks, self.depth)
         model = self
-        if self.dtype != "float32":
+        if self.dtype != "float32" and self.bf16_mode == "cast":
             model = _cast_floating(self, jnp.dtype(self.dtype))
         # REPA trained with t = 1 noise and target noise - data (reference §6.2, pitfall 3): under
         # t_REPA = 1 - t_SiT its velocity is minus SiT's, so it sees 1 - t and its output flips.
