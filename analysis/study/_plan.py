@@ -203,5 +203,21 @@ def _models() -> Study:
     )
 
 
-STUDIES: dict[str, Study] = {s.name: s for s in (_table2(), _table3(), _table4(), _recipes(), _models())}
+def _precision() -> Study:
+    arms = []
+    for dtype, tag in (("float32", "f32"), ("bfloat16", "bf16")):
+        arms.append(Arm(f"{tag}-baseline", ("--model.dtype", dtype, "--disp.variant", "none")))
+        arms.append(Arm(f"{tag}-disp", ("--model.dtype", dtype)))
+    return Study(
+        "precision",
+        "bfloat16 against float32 (on CPU: bf16 dot operands, f32 accumulation), with and without "
+        "Dispersive Loss: does the cheaper arithmetic change the FID or what the loss does?",
+        tuple(arms),
+        Protocol(seeds=3),
+    )
+
+
+STUDIES: dict[str, Study] = {
+    s.name: s for s in (_table2(), _table3(), _table4(), _recipes(), _models(), _precision())
+}
 """The built-in studies, by name."""
