@@ -406,6 +406,24 @@ def test_auto_implementation(backend, version, dtype, explicit, expected):
     )
 
 
+@pytest.mark.parametrize(
+    "dtype, backend, isa, expected",
+    [
+        ("auto", "cpu", ["AMX", "AVX-512-BF16", "AVX-512", "AVX2"], "bfloat16"),
+        ("auto", "cpu", ["AVX-512-BF16", "AVX-512", "AVX2"], "bfloat16"),
+        ("auto", "cpu", ["AVX-512", "AVX2"], "float32"),  # bf16 dots would be upcast there
+        ("auto", "gpu", ["AMX"], "float32"),
+        ("float32", "cpu", ["AMX"], "float32"),
+        ("bfloat16", "cpu", [], "bfloat16"),
+    ],
+)
+def test_auto_dtype_is_bfloat16_only_on_cpus_with_bfloat16_units(dtype, backend, isa, expected):
+    from eqdisp.config import ModelConfig
+    from eqdisp.models import resolve_dtype
+
+    assert resolve_dtype(ModelConfig(name="SiT-T/2", dtype=dtype), backend=backend, isa=isa) == expected
+
+
 def test_auto_is_scan_einsum_and_remat_on_this_cpu(getkey):
     model = _tiny(getkey)
     assert (model.block_impl, model.blocks.attention_impl, model.remat, model.bf16_mode) == (

@@ -15,7 +15,7 @@ from ._embed import (
     timestep_embedding,
     unpatchify,
 )
-from ._registry import Implementation, make_model, resolve_implementation
+from ._registry import Implementation, make_model, resolve_dtype, resolve_implementation
 from ._transformer import DiffusionTransformer, FinalLayer, TransformerBlock
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "make_model",
     "parse_model_name",
     "patchify",
+    "resolve_dtype",
     "resolve_implementation",
     "sincos_pos_embed_2d",
     "timestep_embedding",

@@ -38,7 +38,8 @@ class Taps(eqx.Module):
 
     - `blocks`: the residual stream after each tapped block, in the order of `tap_blocks`; by
         default every block, `blocks[k]` after the (k+1)-th block (so the paper's 1-based
-        "block 3" is `blocks[2]`). In the compute dtype of the model.
+        "block 3" is `blocks[2]`). In the dtype of the model's activations (bfloat16 only when
+        the network runs in bfloat16, `bf16_mode="cast"`).
     - `c`: the conditioning vector `t_emb + y_emb` fed to every adaLN layer (after label dropout).
     """
 

@@ -6,6 +6,7 @@ from typing import NamedTuple
 import jax
 from jaxtyping import PRNGKeyArray
 
+from .._cpu import cpu_info
 from ..config import ModelConfig, parse_model_name
 from ._transformer import DiffusionTransformer
 
@@ -49,6 +50,17 @@ def resolve_implementation(
     return Implementation(**{f: auto[f] if v == "auto" else v for f, v in chosen.items()})
 
 
+def resolve_dtype(config: ModelConfig, *, backend: str | None = None, isa=None) -> str:
+    """What `dtype="auto"` stands for: `"bfloat16"` on a CPU with bfloat16 matrix instructions
+    (`isa`, default this CPU's, has AMX or AVX-512-BF16), `"float32"` elsewhere. Explicit dtypes
+    are returned unchanged."""
+    if config.dtype != "auto":
+        return config.dtype
+    backend = jax.default_backend() if backend is None else backend
+    isa = cpu_info()["isa"] if isa is None else isa
+    return "bfloat16" if backend == "cpu" and {"AMX", "AVX-512-BF16"} & set(isa) else "float32"
+
+
 def make_model(
     name_or_config: str | ModelConfig, *, key: PRNGKeyArray, **overrides
 ) -> DiffusionTransformer:
@@ -79,6 +91,7 @@ def make_model(
     else:
         config = ModelConfig(name=name_or_config, **overrides)
     spec = parse_model_name(config.name)
+    config = dataclasses.replace(config, dtype=resolve_dtype(config))
     implementation = resolve_implementation(config)
     return DiffusionTransformer(
         input_size=config.input_size,
@@ -101,4 +114,4 @@ def make_model(
     )
 
 
-__all__ = ["Implementation", "make_model", "resolve_implementation"]
+__all__ = ["Implementation", "make_model", "resolve_dtype", "resolve_implementation"]

@@ -286,7 +286,7 @@ class DiffusionTransformer(AbstractDiffusionModel):
             MeanFlow's DiT with a second timestep embedder for `h = t - r` (Gsunshine/meanflow
             `models/models_dit.py`), `c = t_emb(t) + h_emb(h) + y_emb(y)`.
         - `block_impl`: `"unroll"` or `"scan"`.
-        - `dtype`: compute dtype; parameters are float32 either way.
+        - `dtype`: compute dtype, `"float32"` or `"bfloat16"`; parameters are float32 either way.
         - `bf16_mode`: how `dtype="bfloat16"` is applied: `"cast"` runs the network in bfloat16
             (LayerNorm statistics and softmax in float32); `"dots"` keeps activations float32
             and gives the blocks' token-wise matmuls and attention bfloat16 operands with float32
@@ -533,8 +533,8 @@ class DiffusionTransformer(AbstractDiffusionModel):
             t = 1 noise); None is 0.
 
         **Returns:** `(out, taps)`: `out` float32 with `out_channels` channels, and `Taps` with the
-        residual stream after the `tap_blocks` blocks and the conditioning vector, in the compute
-        dtype.
+        residual stream after the `tap_blocks` blocks and the conditioning vector, in the dtype
+        of the activations (bfloat16 with `bf16_mode="cast"`, else float32).
         """
         tap_blocks = check_tap_blocks(tap_blocks, self.depth)
         model = self
