@@ -67,6 +67,10 @@ def test_linear_under_vmap_merges_the_batch_into_its_rows(getkey):
     want = jax.grad(loss_flat, argnums=(0, 1, 2))(w, b, x)
     for a, e in zip(got, want):
         np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5)
+    # One vector per example (no row axis of its own).
+    vectors, cv = x.reshape(-1, 8), c.reshape(-1, 6)
+    got = jax.grad(lambda w: jnp.sum(jax.vmap(lambda xe: linear_bf16(xe, w, b))(vectors) * cv))(w)
+    np.testing.assert_allclose(got, want[0], rtol=1e-5, atol=1e-5)
 
     ws = jax.random.normal(getkey(), (2, 6, 8))
     per_weight = jax.grad(

@@ -13,8 +13,8 @@ on those units:
 - a dot that contracts rows (the weight gradient `g^T x`, attention's `dS^T Q` and `P^T dO`)
   contracts a `(rows/2, 2)` split of them instead, which XLA lowers to a row-major transpose
   and a supported dot (a plain transpose would be folded back into the dot's layout);
-- under `vmap` (the model runs per example), the linear layer's backward flattens the batch
-  into its rows (`custom_vmap`), so the weight gradient is one dot over every row of the batch
+- under `vmap` (the model runs per example), the linear layer's backward takes the batch as
+  more rows (`custom_vmap`), so the weight gradient is one dot over every row of the batch
   rather than one per example.
 
 Norms, softmax, the losses and the optimizer stay float32; only the dot operands are rounded.
@@ -79,22 +79,14 @@ def _linear_backward(xb, wb, g):
 
 @_linear_backward.def_vmap
 def _linear_backward_batched(axis_size, in_batched, xb, wb, g):
-    # The examples of a batch are more rows of one matmul; the weight is shared, so its
-    # gradient (and the bias') is one sum over all of them, unbatched.
+    # The kernel treats every leading axis as rows, so a batch of examples is just more rows of
+    # one matmul: the shared weight's gradient (and the bias') is one sum over all of them.
     x_batched, w_batched, g_batched = in_batched
+    xb = xb if x_batched else jnp.broadcast_to(xb, (axis_size, *xb.shape))
+    g = g if g_batched else jnp.broadcast_to(g, (axis_size, *g.shape))
     if w_batched:  # a per-example weight: nothing to merge, map the kernel over the batch
-        out = jax.lax.map(lambda args: _linear_backward(*args), _broadcast(axis_size, in_batched, (xb, wb, g)))
-        return out, (True, True, True)
-    xb, _, g = _broadcast(axis_size, in_batched, (xb, wb, g))
-    dx, dw, db = _linear_backward(xb.reshape(-1, *xb.shape[2:]), wb, g.reshape(-1, *g.shape[2:]))
-    return (dx.reshape(xb.shape[:-1] + dx.shape[-1:]), dw, db), (True, False, False)
-
-
-def _broadcast(axis_size, in_batched, args):
-    return tuple(
-        a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
-        for a, batched in zip(args, in_batched)
-    )
+        return jax.lax.map(lambda args: _linear_backward(*args), (xb, wb, g)), (True, True, True)
+    return _linear_backward(xb, wb, g), (True, False, False)
 
 
 @jax.custom_vjp

@@ -15,7 +15,6 @@ import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from ._base import AbstractDiffusionModel, Taps, check_tap_blocks
-from ._mixed import attention_bf16, linear_bf16
 from ._embed import (
     LabelEmbedder,
     PatchEmbed,
@@ -25,6 +24,7 @@ from ._embed import (
     sincos_pos_embed_2d,
     unpatchify,
 )
+from ._mixed import attention_bf16, linear_bf16
 
 _LN_EPS = 1e-6  # all three LayerNorms (§1.6, §1.7)
 
@@ -134,22 +134,25 @@ class TransformerBlock(eqx.Module):
         becomes `(batch, heads, tokens, head_dim)` under the caller's vmap: the fastest layout
         measured on the CPU (`reference/cpu_perf_probe.md`, "bhnd"); scores and softmax in
         float32. `"xla"` and `"cudnn"` call `jax.nn.dot_product_attention` with that
-        implementation (cuDNN: flash attention, the scores never stored).
+        implementation (cuDNN: flash attention, the scores never stored). With
+        `matmul="bfloat16"`, einsum attention is `attention_bf16` (bf16 dot operands, float32
+        scores, softmax and accumulation).
         """
         tokens, dim = x.shape
         heads = self.num_heads
         head_dim = dim // heads
         # qkv feature index is s*D + h*hd + d with s in (q, k, v).
         qkv = self._dense(self.qkv, x).reshape(tokens, 3, heads, head_dim)
-        if self.attention_impl == "einsum" and self.matmul == "bfloat16":
-            q, k, v = qkv.transpose(1, 2, 0, 3)
-            out = attention_bf16(q * head_dim**-0.5, k, v).transpose(1, 0, 2)
-        elif self.attention_impl == "einsum":
+        if self.attention_impl == "einsum":
             q, k, v = qkv.transpose(1, 2, 0, 3)
             q = q * head_dim**-0.5
-            scores = jnp.einsum("hnd,hmd->hnm", q, k, preferred_element_type=jnp.float32)
-            weights = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-            out = jnp.einsum("hnm,hmd->hnd", weights, v).transpose(1, 0, 2)
+            if self.matmul == "bfloat16":
+                out = attention_bf16(q, k, v)
+            else:
+                scores = jnp.einsum("hnd,hmd->hnm", q, k, preferred_element_type=jnp.float32)
+                weights = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+                out = jnp.einsum("hnm,hmd->hnd", weights, v)
+            out = out.transpose(1, 0, 2)
         else:
             q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
             out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
@@ -159,7 +162,9 @@ class TransformerBlock(eqx.Module):
         """fc1 (4D) -> tanh-approximated GELU -> fc2 (timm `Mlp`)."""
         return self._dense(self.fc2, jax.nn.gelu(self._dense(self.fc1, x), approximate=True))
 
-    def _dense(self, linear: eqx.nn.Linear, x: Float[Array, "tokens d_in"]) -> Float[Array, "tokens d_out"]:
+    def _dense(
+        self, linear: eqx.nn.Linear, x: Float[Array, "tokens d_in"]
+    ) -> Float[Array, "tokens d_out"]:
         if self.matmul == "bfloat16":
             return linear_bf16(x, linear.weight, linear.bias)
         return dense(linear, x)
