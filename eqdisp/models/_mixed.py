@@ -12,7 +12,8 @@ on those units:
 
 - a dot that contracts rows (the weight gradient `g^T x`, attention's `dS^T Q` and `P^T dO`)
   contracts a `(rows/2, 2)` split of them instead, which XLA lowers to a row-major transpose
-  and a supported dot (a plain transpose would be folded back into the dot's layout);
+  and a supported dot (a plain transpose would be folded back into the dot's layout); the
+  scores `Q K^T` split `head_dim` the same way, as q and k are slices of a transposed qkv;
 - under `vmap` (the model runs per example), the linear layer's backward takes the batch as
   more rows (`custom_vmap`), so the weight gradient is one dot over every row of the batch
   rather than one per example.
