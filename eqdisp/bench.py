@@ -29,7 +29,6 @@ from .samplers import sample
 from .train import init_train_state, make_optimizer, make_train_step
 from .transport import make_transport
 
-
 _UNITS = (
     (r"images_per_s", "img/s"),
     (r"gflop_s", "GFLOP/s"),

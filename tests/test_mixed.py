@@ -76,9 +76,10 @@ def test_linear_under_vmap_merges_the_batch_into_its_rows(getkey):
     per_weight = jax.grad(
         lambda ws: jnp.sum(jax.vmap(lambda we, xe: linear_bf16(xe, we, b))(ws, x[:, 0]) * c[:, 0])
     )(ws)
+    single = lambda we, xe, ce: jnp.sum(linear_bf16(xe, we, b) * ce)
     for i in range(2):
-        single = jax.grad(lambda we: jnp.sum(linear_bf16(x[i, 0], we, b) * c[i, 0]))(ws[i])
-        np.testing.assert_allclose(per_weight[i], single, rtol=1e-5, atol=1e-5)
+        want_i = jax.grad(single)(ws[i], x[i, 0], c[i, 0])
+        np.testing.assert_allclose(per_weight[i], want_i, rtol=1e-5, atol=1e-5)
 
 
 def _attention_f64(q, k, v):
