@@ -271,35 +271,9 @@ def test_contrastive_variants_report_gradients_without_a_gap(getkey):
     assert all(math.isfinite(v) for v in out.values())
 
 
-_MESH_SCRIPT = """
-import json, sys
-import jax
-jax.config.update("jax_num_cpu_devices", 8)
-import equinox as eqx, jax.random as jr
-import eqdisp
-from eqdisp import sharding
-from eqdisp.config import DispConfig, OptimConfig, TransportConfig
-from eqdisp.train._step import make_diagnostics
-model = eqdisp.make_model("SiT-T/2", input_size=8, in_channels=1, num_classes=10, key=jr.key(0))
-params, static = eqx.partition(model, eqx.is_inexact_array)
-params = jax.tree.map(lambda a: a + 0.02 * jr.normal(jr.key(1), a.shape), params)
-optimizer = eqdisp.make_optimizer(OptimConfig())
-state = eqdisp.init_train_state(eqx.combine(params, static), optimizer, key=jr.key(2))
-x, y = jr.normal(jr.key(3), (32, 1, 8, 8)), jr.randint(jr.key(4), (32,), 0, 10)
-transport, disp = eqdisp.make_transport(TransportConfig()), DispConfig(group_size=8)
-out = {"plain": {k: float(v) for k, v in make_diagnostics(transport, disp)(state, x, y).items()}}
-mesh = sharding.make_mesh(int(sys.argv[1]))
-batch = sharding.global_batch({"x": x, "y": y}, mesh)
-diag = make_diagnostics(transport, disp, mesh=mesh)
-values = diag(sharding.shard_state(state, mesh), batch["x"], batch["y"])
-out["mesh"] = {k: float(v) for k, v in values.items()}
-print(json.dumps(out))
-"""
-
-
 def test_diagnostics_do_not_depend_on_the_device_layout():
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-c", _MESH_SCRIPT, "2"]  # fsdp 2
+    command = [sys.executable, str(REPO / "tests" / "diagnostics_worker.py"), "2"]  # fsdp 2
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.splitlines()[-1])
