@@ -165,6 +165,45 @@ def test_save_restore_bit_exact(tiny, tmp_path):
         assert restored.model.__class__ is state.model.__class__
 
 
+def test_a_checkpoint_from_before_a_field_without_arrays_restores(tiny, tmp_path):
+    # SiT and DiT models gained `h_embedder` (None for them) with the MF family; checkpoints
+    # written before it must still restore, bit-exact, into today's model.
+    from eqdisp.models import DiffusionTransformer
+    from eqdisp.train import Checkpointer, TrainState
+
+    class _Before(eqx.Module):  # the transformer's fields as they were, arrays only
+        x_embedder: eqx.Module
+        t_embedder: eqx.Module
+        y_embedder: eqx.Module
+        blocks: eqx.Module
+        final_layer: eqx.Module
+
+    def before(tree):
+        def convert(node):
+            if not isinstance(node, DiffusionTransformer):
+                return node
+            assert node.h_embedder is None
+            fields = ("x_embedder", "t_embedder", "y_embedder", "blocks", "final_layer")
+            return _Before(*(getattr(node, f) for f in fields))
+
+        return jax.tree.map(convert, tree, is_leaf=lambda x: isinstance(x, DiffusionTransformer))
+
+    cfg, _, state, _ = tiny
+    old = TrainState(
+        model=before(state.model),
+        ema=before(state.ema),
+        opt_state=before(state.opt_state),
+        step=state.step,
+        key=state.key,
+    )
+    with Checkpointer(tmp_path / "checkpoints") as ckpt:
+        assert ckpt.save(2, old, config=cfg)
+        ckpt.wait()
+        restored = ckpt.restore(state)
+    _assert_bitwise_equal(restored, state)
+    assert restored.model.__class__ is state.model.__class__ and restored.model.h_embedder is None
+
+
 def test_resume_equals_uninterrupted(tiny, tmp_path):
     cfg, step_fn, state, batches = tiny
     from eqdisp.train import Checkpointer, abstract_train_state

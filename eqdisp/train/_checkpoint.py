@@ -328,6 +328,22 @@ def _template(like: TrainState) -> dict:
     return tree
 
 
+def _path_name(path: tuple) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator=".")
+
+
+def _rearrange(tree: Any, layout: Any) -> Any:
+    """`tree`'s leaves in `layout`'s containers, matched by path name (`model.blocks.fc1.weight`).
+
+    A checkpoint stores modules as nested dicts and lists; restoring into that layout rather than
+    the template's modules means a field that holds no arrays (`None`, such as the `h_embedder`
+    that SiT and DiT models gained with the MF family) is not a structural difference to orbax,
+    so checkpoints written before such a field existed still restore.
+    """
+    leaves = {_path_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return jax.tree_util.tree_map_with_path(lambda p, _: leaves[_path_name(p)], layout)
+
+
 def _describe(x: Any) -> str:
     return f"{jnp.dtype(x.dtype).name}{list(x.shape)}"
 
@@ -502,8 +518,9 @@ class Checkpointer:
         step = self._resolve_step(step)  # waits for saves in flight
         step_dir = self._step_dir(step)
         template = _template(like)
-        self._check_matches(step, template)
-        items = {_STATE: ocp.args.StandardRestore(template)}
+        stored = self._check_matches(step, template)
+        target = template if stored is None else _rearrange(template, stored)
+        items = {_STATE: ocp.args.StandardRestore(target)}
         if data_iterator is not None:
             if not (step_dir / _DATA).is_dir():
                 raise CheckpointError(
@@ -519,6 +536,8 @@ class Checkpointer:
         if error is not None:
             raise error  # outside the handler: no __context__ keeping the failed reads alive
         tree = restored[_STATE]
+        if stored is not None:
+            tree = _rearrange(tree, template)
         key = tree["key"]
         if _is_key(like.key):
             key = jr.wrap_key_data(key, impl=_key_impl(like.key))
@@ -530,11 +549,12 @@ class Checkpointer:
             key=key,
         )
 
-    def _check_matches(self, step: int, template: dict) -> None:
+    def _check_matches(self, step: int, template: dict) -> Any:
         """Compare stored shapes and dtypes with the template before orbax reads anything.
 
         Orbax would otherwise fail with a long tensorstore message, or for some mismatches not at
-        all; here the first differing leaf is named.
+        all; here the first differing leaf is named. Returns the stored tree's metadata (its
+        layout), None where it cannot be read (the restore then reports what is wrong).
         """
         step_dir = self._step_dir(step)
         if not (step_dir / _STATE).is_dir():
@@ -544,7 +564,8 @@ class Checkpointer:
         except Exception:  # noqa: BLE001 - unreadable metadata: let the restore report it
             stored = None
         if stored is None:
-            return  # unreadable metadata: the restore itself reports what is wrong
+            return None  # unreadable metadata: the restore itself reports what is wrong
+        stored = getattr(stored, "tree", stored)
         want = dict(jax.tree_util.tree_flatten_with_path(template)[0])
         want = {jax.tree_util.keystr(p, simple=True, separator="."): v for p, v in want.items()}
         have = jax.tree_util.tree_flatten_with_path(stored)[0]
@@ -564,6 +585,7 @@ class Checkpointer:
                     f"{step_dir}: stored {name} is {_describe(h)}, expected {_describe(w)} "
                     "(a checkpoint of another model or optimizer?)"
                 )
+        return stored
 
     def read_config(self, step: int | None = None) -> ExperimentConfig:
         """The `ExperimentConfig` stored with `step` (default: the latest)."""
