@@ -1,6 +1,7 @@
 """`make_model`: a model name or `ModelConfig` to an initialised transformer."""
 
 import dataclasses
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -50,7 +51,9 @@ def resolve_implementation(
     return Implementation(**{f: auto[f] if v == "auto" else v for f, v in chosen.items()})
 
 
-def resolve_dtype(config: ModelConfig, *, backend: str | None = None, isa=None) -> str:
+def resolve_dtype(
+    config: ModelConfig, *, backend: str | None = None, isa: Sequence[str] | None = None
+) -> str:
     """What `dtype="auto"` stands for: `"bfloat16"` on a CPU with bfloat16 matrix instructions
     (`isa`, default this CPU's, has AMX or AVX-512-BF16), `"float32"` elsewhere. Explicit dtypes
     are returned unchanged."""
