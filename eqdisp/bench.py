@@ -194,7 +194,6 @@ def bench_step(
     state, step, x, y = _setup(name, batch, disp, dtype, block_impl, attention, remat, bf16_mode)
     model = state.model  # the "auto" choices, resolved
     block_impl, attention, remat = model.block_impl, model.blocks.attention_impl, model.remat
-    bf16_mode = model.bf16_mode
     program = _compile(step, state, x, y)
     memory = program.memory
     _timed(program.run, warmup)
@@ -211,7 +210,7 @@ def bench_step(
         "batch": batch,
         "variant": disp.variant if disp.active else "none",
         "dtype": dtype,
-        "bf16_mode": bf16_mode if dtype == "bfloat16" else None,
+        "bf16_mode": model.bf16_mode if dtype == "bfloat16" else None,
         "block_impl": block_impl,
         "attention": attention,
         "remat": remat,

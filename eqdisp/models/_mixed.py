@@ -30,23 +30,34 @@ _BF16 = jnp.bfloat16
 _F32 = jnp.float32
 
 
+def _contract(
+    a: Float[Array, "*batch i j"], b: Float[Array, "*batch k l"], axis: int
+) -> Float[Array, "*batch p q"]:
+    """`a` and `b` contracted over their axis `axis` (-1 or -2, the same length in both), batched
+    over their leading axes, float32 accumulation; each keeps its other axis, `a`'s first.
+
+    An even-length axis is contracted as a `(n/2, 2)` split, which XLA:CPU lowers to a row-major
+    copy of each operand and a bfloat16 dot on the matrix units; contracting it whole, XLA would
+    see a transposed operand (a row contraction, or a slice of a transposed array) and run the
+    dot in float32. An odd length falls back to that plain form.
+    """
+    batch = tuple(range(a.ndim - 2))
+    n = a.shape[axis]
+    if n % 2:
+        contract = ((a.ndim + axis,), (b.ndim + axis,))
+    else:
+        at = lambda x: x.ndim + axis  # the axis, counted from the front
+        split = lambda x: x.reshape(*x.shape[: at(x)], n // 2, 2, *x.shape[at(x) + 1 :])
+        a, b = split(a), split(b)
+        contract = ((a.ndim + axis - 1, a.ndim + axis), (b.ndim + axis - 1, b.ndim + axis))
+    return lax.dot_general(a, b, (contract, (batch, batch)), preferred_element_type=_F32)
+
+
 def _contract_rows(
     a: Float[Array, "*batch rows m"], b: Float[Array, "*batch rows n"]
 ) -> Float[Array, "*batch m n"]:
-    """`a^T b` over the `rows` axis (batched over leading axes), float32 accumulation.
-
-    An even row count is contracted as a `(rows/2, 2)` split, the form that XLA:CPU lowers to a
-    bfloat16 dot on the matrix units; an odd one falls back to the plain (float32) form.
-    """
-    batch = tuple(range(a.ndim - 2))
-    rows = a.shape[-2]
-    if rows % 2:
-        contract = ((a.ndim - 2,), (b.ndim - 2,))
-    else:
-        a = a.reshape(*a.shape[:-2], rows // 2, 2, a.shape[-1])
-        b = b.reshape(*b.shape[:-2], rows // 2, 2, b.shape[-1])
-        contract = ((a.ndim - 3, a.ndim - 2), (b.ndim - 3, b.ndim - 2))
-    return lax.dot_general(a, b, (contract, (batch, batch)), preferred_element_type=_F32)
+    """`a^T b` over the `rows` axis (batched over leading axes), float32 accumulation."""
+    return _contract(a, b, -2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,16 +114,7 @@ def linear_bf16(
     return _linear_forward(x, weight, bias)[0]
 
 
-def _linear_fwd(x, weight, bias):
-    return _linear_forward(x, weight, bias)
-
-
-def _linear_bwd(residuals, g):
-    xb, wb = residuals
-    return _linear_backward(xb, wb, g)
-
-
-linear_bf16.defvjp(_linear_fwd, _linear_bwd)
+linear_bf16.defvjp(_linear_forward, lambda residuals, g: _linear_backward(*residuals, g))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,14 +123,8 @@ linear_bf16.defvjp(_linear_fwd, _linear_bwd)
 
 def _scores(qb, kb):
     # (heads, n, d) x (heads, m, d) -> (heads, n, m). q and k are usually slices of a transposed
-    # qkv, with a transposed layout that makes XLA run the dot in float32; contracting a
-    # `(d/2, 2)` split makes it lay them out row-major first (as in `_contract_rows`).
-    d = qb.shape[-1]
-    if d % 2:
-        return lax.dot_general(qb, kb, (((2,), (2,)), ((0,), (0,))), preferred_element_type=_F32)
-    qb = qb.reshape(*qb.shape[:-1], d // 2, 2)
-    kb = kb.reshape(*kb.shape[:-1], d // 2, 2)
-    return lax.dot_general(qb, kb, (((2, 3), (2, 3)), ((0,), (0,))), preferred_element_type=_F32)
+    # qkv; `_contract` splits `d` so that XLA lays them out row-major first.
+    return _contract(qb, kb, -1)
 
 
 def _apply(pb, vb):
@@ -157,11 +153,7 @@ def attention_bf16(
     return _attention_forward(q, k, v)[0]
 
 
-def _attention_fwd(q, k, v):
-    return _attention_forward(q, k, v)
-
-
-def _attention_bwd(residuals, d_out):
+def _attention_backward(residuals, d_out):
     qb, kb, vb, pb, out = residuals
     dob = d_out.astype(_BF16)
     dp = _scores(dob, vb)  # dO V^T: (heads, n, m)
@@ -173,7 +165,7 @@ def _attention_bwd(residuals, d_out):
     return dq, dk, dv
 
 
-attention_bf16.defvjp(_attention_fwd, _attention_bwd)
+attention_bf16.defvjp(_attention_forward, _attention_backward)
 
 
 __all__ = ["attention_bf16", "linear_bf16"]

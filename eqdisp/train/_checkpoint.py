@@ -566,10 +566,8 @@ class Checkpointer:
         if stored is None:
             return None  # unreadable metadata: the restore itself reports what is wrong
         stored = getattr(stored, "tree", stored)
-        want = dict(jax.tree_util.tree_flatten_with_path(template)[0])
-        want = {jax.tree_util.keystr(p, simple=True, separator="."): v for p, v in want.items()}
-        have = jax.tree_util.tree_flatten_with_path(stored)[0]
-        have = {jax.tree_util.keystr(p, simple=True, separator="."): v for p, v in have}
+        want = {_path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(template)[0]}
+        have = {_path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
         missing = sorted(set(want) - set(have))
         extra = sorted(set(have) - set(want))
         if missing or extra:
