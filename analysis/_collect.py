@@ -477,22 +477,19 @@ def collect(
     probe_own_forward = probes and options.unconditional != (probe_labels == "null")
     y_probe = y_null if probe_labels == "null" else y_true
 
-    def forward(y, tt):
+    def forward(y, tt, group):
         return jnp.concatenate(
             [
                 _forward_blocks(
-                    model, objective, x0[i : i + bs], x1[i : i + bs], y[i : i + bs], tt, tap_blocks
+                    model, objective, x0[i : i + bs], x1[i : i + bs], y[i : i + bs], tt, group
                 )
                 for i in range(0, n + pad, bs)
             ]
         )[:n]
 
-    labels = np.asarray(inputs.y)
-    split = spectra and _has_both_pair_kinds(labels)
-    per_t: list[dict] = []
-    for t in options.t:
-        tt = jnp.asarray(objective.model_time(t), jnp.float32)
-        z = forward(y, tt)
+    def metrics(tt, group) -> dict[str, np.ndarray]:
+        """Every metric of the blocks `group` (taps of one shape) at time `tt`, per block."""
+        z = forward(y, tt, group)
         reduced = jax.device_get(
             _reduce(z, spectra=spectra, tau=options.tau, group_size=options.group_size)
         )
@@ -501,16 +498,30 @@ def collect(
         if probes:
             if probe_own_forward:
                 del z
-                z = forward(y_probe, tt)
+                z = forward(y_probe, tt, group)
             pooled = np.asarray(jnp.mean(z, axis=2))  # (n, blocks, dim): mean over tokens
             scores = [
                 probe_accuracy(pooled[:, j], labels, folds=options.folds, seed=options.seed)
-                for j in range(len(blocks))
+                for j in range(len(group))
             ]
             reduced["probe_accuracy"] = np.asarray([s[0] for s in scores])
             reduced["probe_std"] = np.asarray([s[1] for s in scores])
+        return reduced
+
+    # Taps of different shapes (a U-Net's resolutions) are collected one shape at a time.
+    groups = model.tap_groups(tap_blocks)
+    order = np.argsort(np.concatenate(groups))  # group-major -> the order of `blocks`
+    labels = np.asarray(inputs.y)
+    split = spectra and _has_both_pair_kinds(labels)
+    per_t: list[dict] = []
+    for t in options.t:
+        tt = jnp.asarray(objective.model_time(t), jnp.float32)
+        parts = [metrics(tt, group) for group in groups]
+        reduced = {
+            key: np.concatenate([np.asarray(part[key]) for part in parts])[order]
+            for key in parts[0]
+        }
         per_t.append(reduced)
-        del z
         if progress is not None:
             progress.update(1, f"{run.name} step {run.step} t={t:g}")
 

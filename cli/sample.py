@@ -9,9 +9,10 @@ evaluations per image), the compile and first-batch times, and the estimated tot
 import dataclasses
 import pathlib
 from dataclasses import dataclass
-from typing import Literal
 
 import tyro
+
+from eqdisp.config import OdeMethod, SamplerMode, SdeMethod, TimeGrid
 
 
 @dataclass(frozen=True)
@@ -24,14 +25,16 @@ class SampleArgs:
     """Number of images (the papers' FID-50k uses 50,000)."""
     out: str = "samples.npz"
     """Output ``.npz``; the finished batches live in ``<out>.partial/`` until it is complete."""
-    mode: Literal["ode", "sde"] | None = None
+    mode: SamplerMode | None = None
     """Sampler: probability-flow ODE or reverse SDE (default: the run's)."""
-    ode_method: Literal["euler", "heun", "dopri5"] | None = None
+    ode_method: OdeMethod | None = None
     """ODE solver (default: the run's)."""
-    sde_method: Literal["euler", "heun"] | None = None
+    sde_method: SdeMethod | None = None
     """SDE solver (default: the run's)."""
     steps: int | None = None
     """Grid points, SiT counting (default: the run's)."""
+    time_grid: TimeGrid | None = None
+    """Fixed-step ODE grid: ``uniform`` or ``edm`` (default: the run's)."""
     cfg_scale: float | None = None
     """Classifier-free guidance scale; 1 = no guidance (default: the run's)."""
     cfg_interval: tuple[float, float] | None = None
@@ -104,10 +107,20 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt = load_checkpoint(args.run, args.step)
     overrides = {
         name: getattr(args, name)
-        for name in ("mode", "ode_method", "sde_method", "steps", "cfg_scale", "cfg_interval", "cfg_channels")
+        for name in (
+            "mode",
+            "ode_method",
+            "sde_method",
+            "steps",
+            "time_grid",
+            "cfg_scale",
+            "cfg_interval",
+            "cfg_channels",
+        )
         if getattr(args, name) is not None
     }
     sampler = dataclasses.replace(ckpt.config.sampler, **overrides)
+    dataclasses.replace(ckpt.config, sampler=sampler)  # checks it against the model (ConfigError)
     decoder = _decoder(ckpt.config, args)
     summary = generate(
         ckpt,

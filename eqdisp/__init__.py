@@ -96,6 +96,7 @@ from .models import (
 from .models import (
     Taps as Taps,
 )
+from .models import UNet as UNet
 from .models import (
     make_model as make_model,
 )

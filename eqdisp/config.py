@@ -34,9 +34,9 @@ def _check_choice(field: str, value: object, choices: tuple) -> None:
 # Model
 
 
-ModelFamily = Literal["SiT", "DiT", "MF"]
+ModelFamily = Literal["SiT", "DiT", "MF", "UNet"]
 """SiT (flow matching), DiT (Gaussian diffusion), MF (MeanFlow: a DiT backbone conditioned on
-``(t, t - r)``)."""
+``(t, t - r)``), UNet (flow_matching's CIFAR-10 U-Net, trained by flow matching)."""
 
 # Model names, decoded next to the config that holds them (as big_vision decodes its variant
 # strings): `ExperimentConfig` checks block numbers against the depth a name stands for.
@@ -52,12 +52,39 @@ MODEL_SIZES: dict[str, tuple[int, int, int]] = {
 
 PATCH_SIZES: tuple[int, ...] = (2, 4, 8)
 
-_NAME_PATTERN = "{SiT,DiT,MF}-{T,S,B,L,XL}/{2,4,8}"
+UNET_SIZES: dict[str, dict[str, object]] = {
+    # flow_matching examples/image/models/model_configs.py, MODEL_CONFIGS["cifar10"]
+    # (reference notes meanflow_unet_fid.md §2.2): 29 ResBlocks, 55,676,419 parameters.
+    "CIFAR": {
+        "model_channels": 128,
+        "channel_mult": (2, 2, 2),
+        "num_res_blocks": 4,
+        "attention_resolutions": (2,),
+        "dropout": 0.3,
+    },
+    # A small CPU size for tests and demos, not in the paper: 32 and 64 channels at two
+    # resolutions, one ResBlock per encoder level (8 ResBlocks), attention at the lower level.
+    "T": {
+        "model_channels": 32,
+        "channel_mult": (1, 2),
+        "num_res_blocks": 1,
+        "attention_resolutions": (2,),
+        "dropout": 0.1,
+    },
+}
+"""`eqdisp.models.UNet` arguments per U-Net size; the rest are the cifar10 configuration's."""
+
+_NAME_PATTERN = "{SiT,DiT,MF}-{T,S,B,L,XL}/{2,4,8} or UNet-{CIFAR,T}"
 _NAME_RE = re.compile(r"^(?:(SiT|DiT|MF)-)?(T|S|B|L|XL)/(2|4|8)$")
+_UNET_RE = re.compile(r"^UNet-(CIFAR|T)$")
 
 
 class ModelSpec(NamedTuple):
-    """The architecture a model name stands for."""
+    """The architecture a model name stands for.
+
+    For a U-Net, `depth` counts its ResBlocks (the blocks that can be tapped), `dim` is the
+    widest feature map's channels, `num_heads` 1 and `patch_size` 1 (pixels are the tokens).
+    """
 
     family: ModelFamily
     depth: int
@@ -66,17 +93,30 @@ class ModelSpec(NamedTuple):
     patch_size: int
 
 
+def unet_depth(channel_mult: tuple[int, ...], num_res_blocks: int) -> int:
+    """ResBlocks of a U-Net: `num_res_blocks` per encoder level, two in the middle, one more per
+    decoder level (guided-diffusion's `UNetModel`; cifar10: 12 + 2 + 15 = 29)."""
+    return len(channel_mult) * (2 * num_res_blocks + 1) + 2
+
+
 def parse_model_name(name: str) -> ModelSpec:
     """Decode a model name into its architecture.
 
     **Arguments:**
 
-    - `name`: `"{SiT,DiT,MF}-{T,S,B,L,XL}/{2,4,8}"`, e.g. `"SiT-B/2"`; a bare `"B/2"` means SiT.
+    - `name`: `"{SiT,DiT,MF}-{T,S,B,L,XL}/{2,4,8}"`, e.g. `"SiT-B/2"` (a bare `"B/2"` means
+        SiT), or `"UNet-CIFAR"` (flow_matching's CIFAR-10 U-Net) or `"UNet-T"` (a small one).
 
     **Returns:** a `ModelSpec(family, depth, dim, num_heads, patch_size)`.
 
     **Raises:** `ConfigError` naming the bad value and the accepted pattern.
     """
+    unet = _UNET_RE.match(name) if isinstance(name, str) else None
+    if unet is not None:
+        size = UNET_SIZES[unet.group(1)]
+        mult, channels = size["channel_mult"], size["model_channels"]
+        depth = unet_depth(mult, size["num_res_blocks"])
+        return ModelSpec("UNet", depth, channels * max(mult), 1, 1)
     match = _NAME_RE.match(name) if isinstance(name, str) else None
     if match is None:
         raise ConfigError(f"model.name={name!r} is not allowed: expected {_NAME_PATTERN}, e.g. 'SiT-B/2'")
@@ -95,11 +135,12 @@ TimeConvention = Literal["sit", "repa"]
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a DiT/SiT transformer. ``name`` fixes depth, width, heads and patch."""
+    """Architecture of a network. ``name`` fixes a transformer's depth, width, heads and patch, or
+    a U-Net's configuration (``UNET_SIZES``); the implementation fields are the transformer's."""
 
     name: str = "SiT-B/2"
-    """Model name, ``{SiT,DiT,MF}-{T,S,B,L,XL}/{2,4,8}`` (``T`` is a small CPU size, not in the
-    papers)."""
+    """Model name, ``{SiT,DiT,MF}-{T,S,B,L,XL}/{2,4,8}`` or ``UNet-{CIFAR,T}`` (``T`` is a small
+    CPU size, not in the papers)."""
     input_size: int = 32
     """Height and width of the input (a 32x32 SD-VAE latent for 256px ImageNet)."""
     in_channels: int = 4
@@ -292,6 +333,7 @@ DISP_PRESETS: dict[str, DispConfig] = {
 PathType = Literal["Linear", "GVP", "VP"]
 Prediction = Literal["velocity", "noise", "score"]
 LossWeight = Literal["none", "velocity", "likelihood"]
+TimeDistribution = Literal["uniform", "logit_normal"]
 
 
 @dataclass(frozen=True)
@@ -308,11 +350,29 @@ class TransportConfig:
     """Distance of the training time interval from the singular ends; None uses SiT's defaults."""
     sample_eps: float | None = None
     """Same for sampling; None uses SiT's defaults."""
+    time_distribution: TimeDistribution = "uniform"
+    """Training times: ``uniform`` on the training interval (SiT), or ``logit_normal``:
+    ``sigmoid(time_mean + time_std n)`` with ``n ~ N(0, 1)``, clipped to ``[1e-4, 1]``
+    (flow_matching's ``--skewed_timesteps``: mean 1.2, std 1.2, towards data)."""
+    time_mean: float = 0.0
+    """Mean of the normal of ``logit_normal`` times (t = 1 is data)."""
+    time_std: float = 1.0
+    """Standard deviation of the normal of ``logit_normal`` times."""
 
     def __post_init__(self):
         _check_choice("transport.path", self.path, get_args(PathType))
         _check_choice("transport.prediction", self.prediction, get_args(Prediction))
         _check_choice("transport.loss_weight", self.loss_weight, get_args(LossWeight))
+        _check_choice(
+            "transport.time_distribution", self.time_distribution, get_args(TimeDistribution)
+        )
+        _check(math.isfinite(self.time_mean), "transport.time_mean", self.time_mean, "a finite number")
+        _check(
+            math.isfinite(self.time_std) and self.time_std > 0.0,
+            "transport.time_std",
+            self.time_std,
+            "a finite number > 0",
+        )
         for name in ("train_eps", "sample_eps"):
             value = getattr(self, name)
             _check(value is None or 0.0 <= value < 0.5, f"transport.{name}", value, "None or in [0, 0.5)")
@@ -327,6 +387,7 @@ OdeMethod = Literal["euler", "heun", "dopri5"]
 SdeMethod = Literal["euler", "heun"]
 DiffusionForm = Literal["constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing"]
 LastStep = Literal["none", "Mean", "Tweedie", "Euler"]
+TimeGrid = Literal["uniform", "edm"]
 
 
 @dataclass(frozen=True)
@@ -342,6 +403,12 @@ class SamplerConfig:
     steps: int = 250
     """Grid points, counted as SiT does: N points give N-1 steps (Heun: 2(N-1) evaluations); for
     ``dopri5`` the number of output times only. For the SDE, N-1 stochastic steps then the last step."""
+    time_grid: TimeGrid = "uniform"
+    """Grid of the fixed-step ODE solvers: ``uniform`` (SiT's ``linspace`` over the sampling
+    interval) or ``edm`` (Karras et al. 2022's noise levels, rho 7 from sigma 80 to 0.002, then 0,
+    as times ``1 / (1 + sigma)`` of the Linear path: flow_matching's ``--edm_schedule``, which
+    starts at t = 1/81). ``steps`` counts the points either way (edm: ``steps - 1`` noise
+    levels and the data end)."""
     atol: float = 1e-6
     """Absolute tolerance of ``dopri5``."""
     rtol: float = 1e-3
@@ -365,6 +432,19 @@ class SamplerConfig:
         _check_choice("sampler.mode", self.mode, get_args(SamplerMode))
         _check_choice("sampler.ode_method", self.ode_method, get_args(OdeMethod))
         _check_choice("sampler.sde_method", self.sde_method, get_args(SdeMethod))
+        _check_choice("sampler.time_grid", self.time_grid, get_args(TimeGrid))
+        _check(
+            self.time_grid == "uniform" or (self.mode == "ode" and self.ode_method != "dopri5"),
+            "sampler.time_grid",
+            self.time_grid,
+            "'uniform' unless sampler.mode is 'ode' with ode_method 'euler' or 'heun'",
+        )
+        _check(
+            self.time_grid == "uniform" or self.steps >= 3,
+            "sampler.steps",
+            self.steps,
+            "an int >= 3 with time_grid 'edm' (grid points: at least two noise levels)",
+        )
         _check(self.steps >= 2, "sampler.steps", self.steps, "an int >= 2 (grid points)")
         _check_choice("sampler.diffusion_form", self.diffusion_form, get_args(DiffusionForm))
         _check_choice("sampler.last_step", self.last_step, get_args(LastStep))
@@ -415,6 +495,9 @@ class OptimConfig:
     """Clip the global gradient norm to this value (REPA: 1.0); None disables clipping (DiT/SiT)."""
     ema_decay: float = 0.9999
     """Decay of the exponential moving average of the weights, updated every step from an exact copy."""
+    ema_warmup: bool = False
+    """Lower the EMA decay of the first updates to ``min(ema_decay, (1 + n) / (10 + n))`` at
+    update ``n = 1, 2, ...`` (flow_matching's ``EMA``; the DiT/SiT EMA has none)."""
 
     def __post_init__(self):
         _check(self.lr > 0.0, "optim.lr", self.lr, "a number > 0")
@@ -656,6 +739,17 @@ class ExperimentConfig:
             )
             _check(self.sampler.cfg_scale == 1.0, "sampler.cfg_scale", self.sampler.cfg_scale,
                    "1 for MF models (guidance is trained in: meanflow.omega, meanflow.kappa)")
+        if spec.family == "UNet":
+            self._check_unet()
+        if self.sampler.time_grid == "edm":
+            # The EDM noise levels become times through the Linear path's sigma_t / alpha_t.
+            _check(
+                spec.family in ("SiT", "UNet") and self.transport.path == "Linear",
+                "sampler.time_grid",
+                self.sampler.time_grid,
+                f"'uniform' for model.name={self.model.name!r} with transport.path="
+                f"{self.transport.path!r} (edm needs a SiT or UNet model on the Linear path)",
+            )
         if self.disp.active and self.disp.group_size is not None:
             _check(
                 self.train.batch_size % self.disp.group_size == 0,
@@ -663,6 +757,36 @@ class ExperimentConfig:
                 self.disp.group_size,
                 f"a divisor of train.batch_size={self.train.batch_size}",
             )
+
+
+    def _check_unet(self) -> None:
+        # The U-Net predicts a velocity of the input's channels, ignores labels, and has one
+        # implementation: the transformer's implementation choices do not apply to it.
+        model = self.model
+        _check(not model.learn_sigma, "model.learn_sigma", True, "False for UNet models")
+        for field in ("block_impl", "attention", "remat"):
+            value = getattr(model, field)
+            _check(value == "auto", f"model.{field}", value, "'auto' for UNet models")
+        _check(
+            model.bf16_mode in ("auto", "cast"),
+            "model.bf16_mode",
+            model.bf16_mode,
+            "'auto' or 'cast' for UNet models (the U-Net runs in its compute dtype)",
+        )
+        _check(
+            model.time_convention == "sit",
+            "model.time_convention",
+            model.time_convention,
+            "'sit' for UNet models",
+        )
+        factor = 2 ** (len(UNET_SIZES[model.name.removeprefix("UNet-")]["channel_mult"]) - 1)
+        _check(
+            model.input_size % factor == 0,
+            "model.input_size",
+            model.input_size,
+            f"a multiple of {factor} for {model.name} (it halves the resolution "
+            f"{factor.bit_length() - 1} times)",
+        )
 
 
 def _paper(name: str) -> ExperimentConfig:
@@ -717,6 +841,41 @@ _MEANFLOW_TINY = dataclasses.replace(
     train=dataclasses.replace(_TINY.train, out="runs/meanflow-tiny"),
 )
 
+_CIFAR_STEPS = 1800 * 97  # 1,800 epochs of 97 steps (50,000 images over 8 GPUs x 64, drop_last)
+
+
+# flow_matching's CIFAR-10 recipe (reference notes meanflow_unet_fid.md §2.4-2.5): CondOT path
+# with logit-normal(1.2, 1.2) times, AdamW 1e-4 with betas (0.9, 0.95) and torch's default weight
+# decay 0.01, EMA 0.999 with warm-up, Heun on the EDM grid of 50 noise levels; Dispersive Loss
+# with the paper's defaults at its "residual block 15" (0-based, so "16" here; the reading is
+# argued in eqdisp/models/_unet.py, DEFAULT_DISP_BLOCK).
+_UNET_CIFAR = ExperimentConfig(
+    model=ModelConfig(
+        name="UNet-CIFAR",
+        input_size=32,
+        in_channels=3,
+        num_classes=10,
+        learn_sigma=False,
+        class_dropout_prob=0.0,
+    ),
+    disp=DispConfig(blocks="16"),
+    transport=TransportConfig(time_distribution="logit_normal", time_mean=1.2, time_std=1.2),
+    optim=OptimConfig(weight_decay=0.01, ema_decay=0.999, ema_warmup=True),
+    data=DataConfig(source="folder", image_size=32),
+    sampler=SamplerConfig(steps=51, time_grid="edm"),
+    train=RunConfig(steps=_CIFAR_STEPS, batch_size=512, out="runs/unet-cifar"),
+)
+
+_UNET_TINY = dataclasses.replace(
+    _UNET_CIFAR,
+    model=dataclasses.replace(_UNET_CIFAR.model, name="UNet-T", input_size=8, in_channels=1),
+    # UNet-T's second decoder ResBlock at the lowest resolution, as ResBlock 15 is for cifar10.
+    disp=DispConfig(blocks="6"),
+    optim=dataclasses.replace(_TINY.optim, weight_decay=0.01, ema_warmup=True),
+    data=_TINY.data,
+    train=dataclasses.replace(_TINY.train, out="runs/unet-tiny"),
+)
+
 PRESETS: dict[str, tuple[str, ExperimentConfig]] = {
     "sit-tiny": (
         "SiT-T/2 on the bundled 8x8 digits: a complete run on a laptop CPU in minutes.",
@@ -736,6 +895,16 @@ PRESETS: dict[str, tuple[str, ExperimentConfig]] = {
     "meanflow-tiny": (
         "MeanFlow MF-T/2 on the bundled 8x8 digits, sit-tiny's recipe; samples in one step.",
         _MEANFLOW_TINY,
+    ),
+    "unet-tiny": (
+        "flow_matching's U-Net, small (UNet-T), on the bundled 8x8 digits with sit-tiny's "
+        "schedule; CIFAR-10's time sampling, EMA warm-up and EDM-grid Heun sampler.",
+        _UNET_TINY,
+    ),
+    "unet-cifar": (
+        "flow_matching's CIFAR-10 U-Net on a 32x32 image folder (--data.path), its recipe "
+        "(batch 512, 1,800 epochs), Dispersive Loss at residual block 15 (paper App. B.2).",
+        _UNET_CIFAR,
     ),
     "meanflow-b4": (
         "MeanFlow MF-B/4 on ImageNet 256 latents, lambda 0.25 (paper Table 7), 1-step sampling.",

@@ -15,8 +15,8 @@ from .transport import make_transport
 
 def make_objective(cfg: ExperimentConfig) -> AbstractObjective:
     """The objective of the references for this model: DiT's diffusion for DiT (``learn_sigma``
-    as configured), MeanFlow (``cfg.meanflow``) for MF, SiT's transport (``cfg.transport``)
-    else."""
+    as configured), MeanFlow (``cfg.meanflow``) for MF, and a transport (``cfg.transport``) for
+    SiT and the U-Net (flow_matching's CondOT path is SiT's Linear path)."""
     family = parse_model_name(cfg.model.name).family
     if family == "DiT":
         return make_diffusion(learn_sigma=cfg.model.learn_sigma)

@@ -27,6 +27,7 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import jax.tree_util as jtu
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray, PyTree, Real
 
@@ -60,10 +61,48 @@ class OdeStats(eqx.Module):
     nfe: Int[Array, ""]
 
 
-def _grid(t0: float, t1: float, steps: int) -> Float[Array, " steps"]:
+EDM_SIGMAS: tuple[float, float, float] = (0.002, 80.0, 7.0)
+"""``(sigma_min, sigma_max, rho)`` of the EDM grid (Karras et al. 2022; flow_matching's
+``edm_time_discretization.py``)."""
+
+
+def edm_time_grid(steps: int) -> Float[np.ndarray, " steps"]:
+    """The EDM grid as times of the Linear path (flow_matching's ``get_time_discretization``).
+
+    ``steps - 1`` noise levels ``sigma_i = (a + i / (steps - 2) (b - a))^rho`` with
+    ``a = sigma_max^(1/rho)``, ``b = sigma_min^(1/rho)``, then ``sigma = 0``; each becomes the
+    time ``t = 1 / (1 + sigma)`` where the path's ``sigma_t / alpha_t = (1 - t) / t`` equals it.
+    Computed in float64, returned as float32: from ``1/81`` to ``1/1.002``, then ``1``.
+    """
+    if steps < 3:
+        raise ConfigError(
+            f"steps={steps!r} is not allowed: expected an int >= 3 for the edm grid (grid points)"
+        )
+    sigma_min, sigma_max, rho = EDM_SIGMAS
+    i = np.arange(steps - 1, dtype=np.float64)
+    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    sigmas = np.append((a + i / (steps - 2) * (b - a)) ** rho, 0.0)
+    return (1.0 - np.clip(sigmas / (1.0 + sigmas), 0.0, 1.0)).astype(np.float32)
+
+
+def _grid(
+    t0: float, t1: float, steps: int, kind: Literal["uniform", "edm"] = "uniform"
+) -> Float[Array, " steps"]:
     if steps < 2:
         raise ConfigError(f"steps={steps!r} is not allowed: expected an int >= 2 (grid points)")
-    return jnp.linspace(t0, t1, steps, dtype=jnp.float32)
+    if kind == "uniform":
+        return jnp.linspace(t0, t1, steps, dtype=jnp.float32)
+    if kind != "edm":
+        raise ConfigError(
+            f"sampler.time_grid={kind!r} is not allowed: expected 'uniform' or 'edm'"
+        )
+    ts = edm_time_grid(steps)
+    if not (t0 <= ts[0] and ts[-1] <= t1):
+        raise ConfigError(
+            f"the edm grid [{ts[0]:g}, {ts[-1]:g}] is not allowed on the interval ({t0}, {t1}): "
+            "expected an interval that contains it"
+        )
+    return jnp.asarray(ts)
 
 
 def _add(x, h, k):
@@ -92,6 +131,7 @@ def solve_ode(
     atol: float = 1e-6,
     rtol: float = 1e-3,
     max_steps: int = 4096,
+    grid: Literal["uniform", "edm"] = "uniform",
 ) -> tuple[PyTree[Float[Array, "..."]], OdeStats]:
     """Like :func:`integrate_ode`, and also returns what the solve cost as an :class:`OdeStats`."""
     _check_ode_args(method, t0, t1)
@@ -115,7 +155,7 @@ def solve_ode(
 
     # Fixed grid: step through the grid points themselves, as torchdiffeq's fixed-grid solvers do
     # (h = t_{i+1} - t_i of the float32 linspace; the second Heun stage is evaluated at t_{i+1}).
-    ts = _grid(t0, t1, steps)
+    ts = _grid(t0, t1, steps, grid)
 
     def euler_step(x, t_pair):
         t_a, t_b = t_pair
@@ -146,6 +186,7 @@ def integrate_ode(
     atol: float = 1e-6,
     rtol: float = 1e-3,
     max_steps: int = 4096,
+    grid: Literal["uniform", "edm"] = "uniform",
 ) -> PyTree[Float[Array, "..."]]:
     """Integrate ``dx/dt = v(x, t)`` from ``t0`` to ``t1`` and return ``x(t1)``.
 
@@ -163,6 +204,8 @@ def integrate_ode(
       diffrax ``Dopri5`` with ``PIDController(rtol, atol)`` and diffrax's initial step).
     - `atol`, `rtol`: tolerances of ``dopri5``.
     - `max_steps`: the most steps ``dopri5`` may take before it raises.
+    - `grid`: the points of ``euler`` and ``heun``: ``uniform`` (the ``linspace`` above) or
+      ``edm`` (:func:`edm_time_grid` of ``steps`` points, which ``[t0, t1]`` must contain).
 
     **Returns:**
 
@@ -170,7 +213,16 @@ def integrate_ode(
     counts.
     """
     return solve_ode(
-        v, x0, t0=t0, t1=t1, steps=steps, method=method, atol=atol, rtol=rtol, max_steps=max_steps
+        v,
+        x0,
+        t0=t0,
+        t1=t1,
+        steps=steps,
+        method=method,
+        atol=atol,
+        rtol=rtol,
+        max_steps=max_steps,
+        grid=grid,
     )[0]
 
 
@@ -487,6 +539,7 @@ def sample(
             method=config.ode_method,
             atol=config.atol,
             rtol=config.rtol,
+            grid=config.time_grid,
         )
 
     # SiT: "last_step None" sets the last-step size to 0, so the interval ends at 1 - sample_eps.
@@ -517,9 +570,11 @@ def sample(
 
 
 __all__ = [
+    "EDM_SIGMAS",
     "OdeStats",
     "cfg_velocity",
     "diffusion_coefficient",
+    "edm_time_grid",
     "integrate_ode",
     "integrate_sde",
     "sample",

@@ -330,6 +330,29 @@ def sample_time(
     return jax.random.uniform(key, shape, jnp.float32, minval=t0, maxval=t1)
 
 
+LOGIT_NORMAL_CLIP: tuple[float, float] = (1e-4, 1.0)
+"""Where logit-normal training times are clipped (flow_matching's ``skewed_timestep_sample``)."""
+
+
+def sample_logit_normal_time(
+    key: PRNGKeyArray,
+    shape: tuple[int, ...],
+    mean: float,
+    std: float,
+    interval: tuple[float, float] = (0.0, 1.0),
+) -> Float[Array, "*shape"]:
+    """Times ``sigmoid(mean + std n)``, ``n ~ N(0, 1)``, float32, clipped to
+    :data:`LOGIT_NORMAL_CLIP` and to ``interval``.
+
+    flow_matching's ``--skewed_timesteps`` is ``mean = std = 1.2`` on ``[0, 1]``: it writes
+    ``1 / (1 + exp(1.2 n - 1.2))``, the same distribution (``n`` and ``-n`` are).
+    """
+    low = max(LOGIT_NORMAL_CLIP[0], interval[0])
+    high = min(LOGIT_NORMAL_CLIP[1], interval[1])
+    n = jax.random.normal(key, shape, jnp.float32)
+    return jnp.clip(jax.nn.sigmoid(mean + std * n), low, high)
+
+
 # ----------------------------------------------------------------------------------------------
 # Interpolation and loss
 
@@ -461,7 +484,13 @@ class Transport(AbstractNoisingObjective):
     def sample_train_time(
         self, key: PRNGKeyArray, shape: tuple[int, ...]
     ) -> Float[Array, "*shape"]:
-        """Training times, uniform on :attr:`train_interval` (SiT's ``Transport.sample``)."""
+        """Training times: uniform on :attr:`train_interval` (SiT's ``Transport.sample``), or
+        logit-normal (:func:`sample_logit_normal_time`), as ``config.time_distribution`` says."""
+        config = self.config
+        if config.time_distribution == "logit_normal":
+            return sample_logit_normal_time(
+                key, shape, config.time_mean, config.time_std, self.train_interval
+            )
         return sample_time(key, shape, self.train_interval)
 
     def interpolate(
@@ -518,7 +547,11 @@ class Transport(AbstractNoisingObjective):
             text = f"ODE dopri5, adaptive evaluations (rtol {config.rtol:g}, atol {config.atol:g})"
         else:
             method = config.ode_method if config.mode == "ode" else config.sde_method
-            text = f"{config.mode.upper()} {method}, {config.steps} grid points = {nfe} evaluations each"
+            grid = " (EDM grid)" if config.time_grid == "edm" else ""
+            text = (
+                f"{config.mode.upper()} {method}, {config.steps} grid points{grid} = "
+                f"{nfe} evaluations each"
+            )
         if config.cfg_scale != 1.0:
             text += f", guidance {config.cfg_scale:g} doubles the batch"
             low, high = config.cfg_interval
@@ -580,8 +613,10 @@ __all__ = [
     "interpolate",
     "make_path",
     "make_transport",
+    "LOGIT_NORMAL_CLIP",
     "resolve_eps",
     "sample_interval",
+    "sample_logit_normal_time",
     "sample_time",
     "train_interval",
     "training_loss",

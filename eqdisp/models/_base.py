@@ -72,6 +72,11 @@ class AbstractDiffusionModel(eqx.Module):
         """Run the network on one example and return `(prediction, taps)`, tapped after the
         0-based blocks `tap_blocks` (increasing; `None` for every block)."""
 
+    def tap_groups(self, tap_blocks: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+        """`tap_blocks` split into groups whose taps have one shape and can be stacked, in order
+        of first appearance. Every block of a transformer has one shape: one group."""
+        return (tuple(tap_blocks),)
+
     def __call__(
         self,
         x: Float[Array, "c h w"],

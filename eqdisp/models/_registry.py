@@ -1,4 +1,4 @@
-"""`make_model`: a model name or `ModelConfig` to an initialised transformer."""
+"""`make_model`: a model name or `ModelConfig` to an initialised network."""
 
 import dataclasses
 from collections.abc import Sequence
@@ -8,8 +8,10 @@ import jax
 from jaxtyping import PRNGKeyArray
 
 from .._cpu import cpu_info
-from ..config import ModelConfig, parse_model_name
+from ..config import UNET_SIZES, ConfigError, ModelConfig, parse_model_name
+from ._base import AbstractDiffusionModel
 from ._transformer import DiffusionTransformer
+from ._unet import UNet
 
 
 class Implementation(NamedTuple):
@@ -66,8 +68,9 @@ def resolve_dtype(
 
 def make_model(
     name_or_config: str | ModelConfig, *, key: PRNGKeyArray, **overrides
-) -> DiffusionTransformer:
-    """Build a DiT/SiT transformer from a name or a `ModelConfig`.
+) -> AbstractDiffusionModel:
+    """Build a network from a name or a `ModelConfig`: a `DiffusionTransformer` for SiT, DiT and
+    MF names, a `UNet` for UNet names.
 
     **Arguments:**
 
@@ -77,7 +80,9 @@ def make_model(
         `learn_sigma`, `class_dropout_prob`, `block_impl`, `dtype`, `bf16_mode`, `attention`,
         `remat`).
 
-    **Returns:** a `DiffusionTransformer` with float32 parameters.
+    **Returns:** the network, with float32 parameters. A `UNet` takes its architecture from
+    `UNET_SIZES`, `in_channels` in and out, and `dtype`; it ignores `num_classes`, `learn_sigma`
+    and `class_dropout_prob` (it is unconditional), and the transformer's implementation fields.
 
     **Raises:** `ConfigError` for a bad name or a value the config does not allow; `ValueError`
     for an unknown override or an architecture that does not fit (e.g. `dim % heads != 0`).
@@ -95,6 +100,8 @@ def make_model(
         config = ModelConfig(name=name_or_config, **overrides)
     spec = parse_model_name(config.name)
     config = dataclasses.replace(config, dtype=resolve_dtype(config))
+    if spec.family == "UNet":
+        return _make_unet(config, key=key)
     implementation = resolve_implementation(config)
     return DiffusionTransformer(
         input_size=config.input_size,
@@ -114,6 +121,23 @@ def make_model(
         attention=implementation.attention,
         remat=implementation.remat,
         key=key,
+    )
+
+
+def _make_unet(config: ModelConfig, *, key: PRNGKeyArray) -> UNet:
+    size = UNET_SIZES[config.name.removeprefix("UNet-")]
+    factor = 2 ** (len(size["channel_mult"]) - 1)
+    if config.input_size % factor:
+        raise ConfigError(
+            f"model.input_size={config.input_size} is not allowed: expected a multiple of "
+            f"{factor} for {config.name}"
+        )
+    return UNet(
+        in_channels=config.in_channels,
+        out_channels=config.in_channels,
+        dtype=config.dtype,
+        key=key,
+        **size,
     )
 
 

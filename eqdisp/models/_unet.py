@@ -287,6 +287,7 @@ class _Slot(NamedTuple):
     attention: bool  # an AttentionBlock follows in the same container
     resample: Literal["down", "up", "none"]  # a Downsample container / an Upsample layer follows
     name: str  # the PyTorch module path of the ResBlock
+    factor: int  # the downsample factor of its feature map
 
 
 def _layout(
@@ -305,7 +306,7 @@ def _layout(
         for _ in range(num_res_blocks):
             out = model_channels * mult
             name = f"input_blocks.{container}.0"
-            slots.append(_Slot("input", ch, out, ds in attention_resolutions, "none", name))
+            slots.append(_Slot("input", ch, out, ds in attention_resolutions, "none", name, ds))
             ch = out
             skip_channels.append(ch)
             container += 1
@@ -314,8 +315,8 @@ def _layout(
             skip_channels.append(ch)
             container += 1
             ds *= 2
-    slots.append(_Slot("middle", ch, ch, True, "none", "middle_block.0"))
-    slots.append(_Slot("middle", ch, ch, False, "none", "middle_block.2"))
+    slots.append(_Slot("middle", ch, ch, True, "none", "middle_block.0", ds))
+    slots.append(_Slot("middle", ch, ch, False, "none", "middle_block.2", ds))
     container = 0
     for level, mult in reversed(list(enumerate(channel_mult))):
         for i in range(num_res_blocks + 1):
@@ -323,7 +324,8 @@ def _layout(
             resample = "up" if level and i == num_res_blocks else "none"
             cin = ch + skip_channels.pop()
             name = f"output_blocks.{container}.0"
-            slots.append(_Slot("output", cin, out, ds in attention_resolutions, resample, name))
+            attention = ds in attention_resolutions
+            slots.append(_Slot("output", cin, out, attention, resample, name, ds))
             ch = out
             container += 1
             if resample == "up":
@@ -567,6 +569,16 @@ class UNet(AbstractDiffusionModel):
     def downsample_factor(self) -> int:
         """Height and width of the input must be multiples of this, `2 ** (levels - 1)`."""
         return 2 ** (len(self.channel_mult) - 1)
+
+    def tap_groups(self, tap_blocks: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+        """`tap_blocks` grouped by the resolution and width of their feature maps (the taps of
+        one group stack), in order of first appearance."""
+        slots = self._slots
+        groups: dict[tuple[int, int], list[int]] = {}
+        for block in check_tap_blocks(tap_blocks, self.depth, unit="ResBlock"):
+            slot = slots[block]
+            groups.setdefault((slot.factor, slot.out_channels), []).append(block)
+        return tuple(tuple(group) for group in groups.values())
 
     # -- pieces of the forward (public for analysis and tests) ---------------------------------
 

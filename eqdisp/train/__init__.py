@@ -13,6 +13,7 @@ from ._loop import TrainingError, train
 from ._step import (
     TrainState,
     diagnostic_disp,
+    ema_decay_at,
     init_train_state,
     make_diagnostics,
     make_optimizer,
@@ -29,6 +30,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "diagnostic_disp",
+    "ema_decay_at",
     "init_train_state",
     "load_checkpoint",
     "make_diagnostics",

@@ -479,7 +479,12 @@ def train(cfg: ExperimentConfig) -> dict:
             _trim_metrics(out / "metrics.jsonl", start_step)
         checkpointer = Checkpointer(directory, keep=run.keep)
         step_fn = make_train_step(
-            optimizer, objective, cfg.disp, ema_decay=cfg.optim.ema_decay, mesh=mesh
+            optimizer,
+            objective,
+            cfg.disp,
+            ema_decay=cfg.optim.ema_decay,
+            ema_warmup=cfg.optim.ema_warmup,
+            mesh=mesh,
         )
         # Compiled only if this session reaches a diagnostics step (a multiple of `every`).
         every = run.diagnostics_every
