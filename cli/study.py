@@ -1,7 +1,7 @@
 """Paired A/B studies of Dispersive Loss: ``python -m cli.study table2 --out studies/table2``.
 
 Trains every arm of a built-in study (the paper's Tables 2-4, its two recipes, Fig. 4's models,
-bfloat16 against float32) for every seed under one fixed protocol, samples, evaluates
+the three model families, bfloat16 against float32) for every seed under one fixed protocol, samples, evaluates
 (FID-classifier) and analyses each run, then writes ``results.md``, ``results.html`` and
 ``results.json`` with per-arm means and the paired difference to the baseline with its 95%
 Student-t interval. Resumable: rerun the same command after a kill. ``--dry-run`` prints the plan
@@ -25,7 +25,9 @@ import tyro
 class StudyArgs:
     """Run a built-in study into a directory (rerun to resume)."""
 
-    study: tyro.conf.Positional[Literal["table2", "table3", "table4", "recipes", "models", "precision"]]
+    study: tyro.conf.Positional[
+        Literal["table2", "table3", "table4", "recipes", "models", "families", "precision"]
+    ]
     """Which study."""
     out: str | None = None
     """Directory of the runs and results (default: ``studies/<study>``)."""

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import typing
 
 import pytest
 
@@ -53,6 +54,16 @@ def test_arms_are_cli_train_options_checked_before_anything_runs(tmp_path):
     assert STUDIES["table3"].protocol.seeds >= 3 and STUDIES["table4"].protocol.seeds >= 3
     restricted = table2.config(table2.arms[-1], 0, tmp_path).disp
     assert (restricted.variant, restricted.contrastive) == ("covariance", "restricted")
+    families = [STUDIES["families"].config(arm, 0, tmp_path) for arm in STUDIES["families"].arms]
+    assert [c.model.name for c in families] == ["SiT-T/2"] * 2 + ["UNet-T"] * 2 + ["MF-T/2"] * 2
+    assert [c.disp.active for c in families] == [False, True] * 3
+    assert families[3].sampler.time_grid == "edm" and families[3].optim.decay_steps == 1500
+    with pytest.raises(AnalysisError, match=r"arm 'x': preset='nope' is not allowed: expected one of"):
+        Arm("x", (), "nope")
+    from cli.study import StudyArgs
+
+    choices = typing.get_args(typing.get_args(StudyArgs.__annotations__["study"])[0])
+    assert set(choices) == set(STUDIES)  # the command line offers every built-in study
 
     short = Study("short", "", table2.arms[:2], Protocol(steps=50))
     with pytest.raises(AnalysisError, match="steps=50 is not allowed with sit-tiny's 100 warm-up steps"):

@@ -1,7 +1,7 @@
 """Paired A/B studies: arms x seeds under one fixed protocol, with paired confidence intervals.
 
 - `Study`, `Arm`, `Protocol` and the built-in `STUDIES` (the paper's Tables 2-4, its two recipes,
-  and Fig. 4's models) — `_plan`.
+  Fig. 4's models, the three model families, bfloat16 against float32) — `_plan`.
 - `run_study` (resumable, seed by seed, one or several runs at a time), `cores_per_run`, `plan`, `estimate_seconds`, `real_digits_fid` — `_run`.
 - `summarize`, `markdown`, `write_results` — `_report`; `paired_interval`, `t_quantile` — `_stats`.
 

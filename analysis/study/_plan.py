@@ -18,11 +18,19 @@ class Arm:
     """Directory name and table row (letters, digits, ``-``, ``_``, ``.``)."""
     flags: tuple[str, ...] = ()
     """`cli.train` options, e.g. ``("--disp.variant", "hinge")``."""
+    preset: str | None = None
+    """The `cli.train` preset this arm starts from instead of the protocol's (another model
+    family with its own recipe, e.g. ``unet-tiny``); None: the protocol's."""
 
     def __post_init__(self):
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
             raise AnalysisError(
                 f"arm name {self.name!r} is not allowed: expected letters, digits, '-', '_', '.'"
+            )
+        if self.preset is not None and self.preset not in PRESETS:
+            raise AnalysisError(
+                f"arm {self.name!r}: preset={self.preset!r} is not allowed: expected one of "
+                + ", ".join(PRESETS)
             )
 
 
@@ -89,8 +97,9 @@ def arm_config(protocol: Protocol, arm: Arm, seed: int, out: pathlib.Path) -> Ex
     """Parse the arm's flags as `cli.train` would, under the protocol's fixed settings."""
     import tyro
 
+    preset = protocol.preset if arm.preset is None else arm.preset
     flags = [
-        protocol.preset,
+        preset,
         *arm.flags,
         "--train.seed", str(seed),
         "--train.steps", str(protocol.steps),
@@ -110,7 +119,7 @@ def arm_config(protocol: Protocol, arm: Arm, seed: int, out: pathlib.Path) -> Ex
     if cfg.optim.schedule == "cosine" and cfg.optim.decay_steps != protocol.steps:
         if protocol.steps <= cfg.optim.warmup_steps:
             raise AnalysisError(
-                f"steps={protocol.steps} is not allowed with {protocol.preset}'s "
+                f"steps={protocol.steps} is not allowed with {preset}'s "
                 f"{cfg.optim.warmup_steps} warm-up steps: expected more"
             )
         cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, decay_steps=protocol.steps))
@@ -203,6 +212,22 @@ def _models() -> Study:
     )
 
 
+def _families() -> Study:
+    arms = []
+    for tag, preset in (("sit", "sit-tiny"), ("unet", "unet-tiny"), ("meanflow", "meanflow-tiny")):
+        arms.append(Arm(f"{tag}-baseline", ("--disp.variant", "none"), preset))
+        arms.append(Arm(f"{tag}-disp", (), preset))
+    return Study(
+        "families",
+        "Dispersive Loss on the paper's three model families at CPU size, each with its own "
+        "recipe and sampler: SiT-T/2 (50-point Heun), UNet-T (flow_matching's recipe, EDM-grid "
+        "Heun) and MF-T/2 (MeanFlow, one step). Each '-disp' arm is read against its own "
+        "'-baseline'; the table pairs all with the first.",
+        tuple(arms),
+        Protocol(seeds=3),
+    )
+
+
 def _precision() -> Study:
     arms = []
     for dtype, tag in (("float32", "f32"), ("bfloat16", "bf16")):
@@ -218,6 +243,7 @@ def _precision() -> Study:
 
 
 STUDIES: dict[str, Study] = {
-    s.name: s for s in (_table2(), _table3(), _table4(), _recipes(), _models(), _precision())
+    s.name: s
+    for s in (_table2(), _table3(), _table4(), _recipes(), _models(), _families(), _precision())
 }
 """The built-in studies, by name."""

@@ -33,7 +33,8 @@ def summarize(study: Study, results: Sequence[dict], *, real: dict | None = None
     for arm in study.arms:
         runs = by_arm[arm.name]
         fid = [r["fid"] for r in runs]
-        row = {"arm": arm.name, "flags": " ".join(arm.flags), "seeds": len(runs)}
+        flags = arm.flags if arm.preset is None else (arm.preset, *arm.flags)
+        row = {"arm": arm.name, "flags": " ".join(flags), "seeds": len(runs)}
         row["fid_mean"], row["fid_std"] = mean_std(fid)
         for key in ("precision", "recall"):
             values = [r[key] for r in runs if r.get(key) is not None]

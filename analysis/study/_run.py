@@ -28,12 +28,15 @@ def _identity(study: Study, arm: Arm, seed: int, cores: int) -> dict:
     # The core count is part of a run's identity: XLA:CPU splits its reductions by thread count,
     # so the same run on 1 or 2 cores differs in the last digits (FID-classifier 212.914 vs
     # 212.921 in a 400-step probe), and paired arms must not differ in anything but their flags.
-    return {
+    identity = {
         "protocol": dataclasses.asdict(study.protocol),
         "flags": list(arm.flags),
         "seed": seed,
         "cores": cores,
     }
+    if arm.preset is not None:  # absent otherwise, so results written before it stay valid
+        identity["preset"] = arm.preset
+    return identity
 
 
 def _cores() -> int:

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     from ._run import RESULT, _one_run, _write_json
 
     spec = json.loads((args.out / "study.json").read_text())
-    arms = tuple(Arm(a["name"], tuple(a["flags"])) for a in spec["arms"])
+    arms = tuple(Arm(a["name"], tuple(a["flags"]), a.get("preset")) for a in spec["arms"])
     study = Study(spec["name"], spec["description"], arms, Protocol(**spec["protocol"]))
     arm = next(a for a in arms if a.name == args.arm)
     result = _one_run(study, args.out, arm, args.seed)
