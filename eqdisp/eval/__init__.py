@@ -21,25 +21,29 @@ from ._classifier import (
     load_digits_classifier as load_digits_classifier,
     train_digits_classifier as train_digits_classifier,
 )
-from ._metrics import (
+from ._evaluate import (
     DIGITS_REFERENCES as DIGITS_REFERENCES,
+    ReferenceStats as ReferenceStats,
+    evaluate as evaluate,
+    format_report as format_report,
+    reference_stats as reference_stats,
+    resolve_extractor as resolve_extractor,
+    write_report as write_report,
+)
+from ._features import (
     FeatureExtractor as FeatureExtractor,
     Features as Features,
-    FeatureStats as FeatureStats,
     InceptionFeatureExtractor as InceptionFeatureExtractor,
-    ReferenceStats as ReferenceStats,
     cache_dir as cache_dir,
-    evaluate as evaluate,
     extract as extract,
+)
+from ._metrics import (
+    FeatureStats as FeatureStats,
     fid_from_features as fid_from_features,
-    format_report as format_report,
     frechet_distance as frechet_distance,
     inception_score as inception_score,
     manifold_radii as manifold_radii,
     precision_recall as precision_recall,
-    reference_stats as reference_stats,
-    resolve_extractor as resolve_extractor,
-    write_report as write_report,
 )
 from ._npz import (
     EvalError as EvalError,

@@ -35,7 +35,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray, UInt8
 
-from ._metrics import Features, cache_dir
+from ._features import Features, cache_dir
 from ._npz import EvalError
 
 DIGITS_TRAIN_SIZE = 1500
