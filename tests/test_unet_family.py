@@ -222,3 +222,49 @@ def test_analysing_a_unet_gives_each_block_what_it_gets_alone(unet_run):
             np.testing.assert_allclose(
                 every.values[key][:, block - 1], alone.values[key][:, 0], rtol=1e-5, err_msg=key
             )
+
+
+def test_unet_diagnostics_mask_what_the_dispersive_term_reaches():
+    import equinox as eqx
+
+    from eqdisp.objective import loss_terms
+    from eqdisp.train import init_train_state, make_diagnostics, make_optimizer
+
+    cfg = PRESETS["unet-tiny"][1]
+    model = eqdisp.make_model(cfg.model, key=jax.random.key(0))
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    # Perturb the zero-initialised output convs, so every ResBlock's own branch is live.
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    leaves = [a + 0.05 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys, strict=True)]
+    model = eqx.combine(jax.tree.unflatten(tree, leaves), static)
+    x = jax.random.normal(jax.random.key(2), (16, 1, 8, 8))
+    y = jnp.zeros((16,), jnp.int32)
+    objective = eqdisp.make_objective(cfg)
+
+    def disp_term(p):
+        m = eqx.combine(p, static)
+        return loss_terms(m, x, y, key=jax.random.key(4), objective=objective, disp=cfg.disp)[1][0]
+
+    grads = jax.grad(disp_term)(eqx.filter(model, eqx.is_inexact_array))
+    mask = model.upstream_mask(5)
+    outside = jax.tree.map(lambda g, m: jnp.max(jnp.abs(g * (1 - m))), grads, mask)
+    inside = jax.tree.map(lambda g, m: jnp.max(jnp.abs(g * m)), grads, mask)
+    assert max(float(v) for v in jax.tree.leaves(outside)) == 0.0
+    assert float(jnp.max(jnp.abs(grads.res_blocks[5].out_conv.weight))) > 0  # the tapped block
+    assert float(jnp.max(jnp.abs(grads.input_conv.weight))) > 0
+    assert sum(float(v) > 0 for v in jax.tree.leaves(inside)) > len(jax.tree.leaves(inside)) // 2
+
+    optimizer = make_optimizer(cfg.optim)
+    state = init_train_state(model, optimizer, key=jax.random.key(1))
+    out = {k: float(v) for k, v in make_diagnostics(objective, cfg.disp)(state, x, y).items()}
+    assert set(out) == {
+        "grad_norm_diff",
+        "disp_gap/b6",
+        "grad_norm_disp/b6",
+        "grad_norm_disp_unweighted/b6",
+        "grad_norm_diff/b6",
+        "grad_cos/b6",
+    }
+    assert all(np.isfinite(v) for v in out.values()) and out["disp_gap/b6"] >= -1e-5
+    assert out["grad_norm_disp/b6"] == pytest.approx(0.5 * out["grad_norm_disp_unweighted/b6"])

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 
 import equinox as eqx
 import numpy as np
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 
 def check_tap_blocks(
@@ -71,6 +71,12 @@ class AbstractDiffusionModel(eqx.Module):
     ) -> tuple[Float[Array, "c_out h w"], eqx.Module]:
         """Run the network on one example and return `(prediction, taps)`, tapped after the
         0-based blocks `tap_blocks` (increasing; `None` for every block)."""
+
+    @abc.abstractmethod
+    def upstream_mask(self, block: int) -> PyTree:
+        """Which parameters the output of the 0-based `block` depends on: a PyTree shaped like
+        `eqx.filter(self, eqx.is_inexact_array)` with 1 on those parameters and 0 on the
+        others (scalars broadcast over whole leaves, or arrays where a leaf is shared)."""
 
     def tap_groups(self, tap_blocks: Sequence[int]) -> tuple[tuple[int, ...], ...]:
         """`tap_blocks` split into groups whose taps have one shape and can be stacked, in order

@@ -402,6 +402,20 @@ class DiffusionTransformer(AbstractDiffusionModel):
         """Hidden width D."""
         return self.x_embedder.proj.weight.shape[0]
 
+    def upstream_mask(self, block: int) -> PyTree:
+        """1 on the embedders and blocks ``0..block`` (a slice of the stacked blocks), 0 on the
+        later blocks and the final layer."""
+        params = eqx.filter(self, eqx.is_inexact_array)
+
+        def first_blocks(a):
+            keep = (jnp.arange(a.shape[0]) <= block).astype(a.dtype)
+            return keep.reshape(-1, *(1,) * (a.ndim - 1))
+
+        mask = jax.tree.map(lambda a: jnp.ones((), a.dtype), params)
+        mask = eqx.tree_at(lambda m: m.blocks, mask, jax.tree.map(first_blocks, params.blocks))
+        zeros = jax.tree.map(lambda a: jnp.zeros((), a.dtype), params.final_layer)
+        return eqx.tree_at(lambda m: m.final_layer, mask, zeros)
+
     @property
     def grid_size(self) -> int:
         """Patches per side, `input_size // patch_size`."""

@@ -580,6 +580,21 @@ class UNet(AbstractDiffusionModel):
             groups.setdefault((slot.factor, slot.out_channels), []).append(block)
         return tuple(tuple(group) for group in groups.values())
 
+    def upstream_mask(self, block: int) -> PyTree:
+        """1 on what runs before the output of ResBlock `block` in the forward: the time
+        embedding, the input conv, ResBlocks ``0..block`` and the attention after ResBlocks
+        ``0..block - 1``; 0 on the later ResBlocks and attention and the output layers."""
+        params = eqx.filter(self, eqx.is_inexact_array)
+
+        def fill(value: float) -> Callable[[PyTree], PyTree]:
+            return lambda tree: jax.tree.map(lambda a: jnp.full((), value, a.dtype), tree)
+
+        def later(m: PyTree) -> list[PyTree]:
+            attention = [a for a in m.attn_blocks[block:] if a is not None]
+            return [*m.res_blocks[block + 1 :], *attention, m.out_norm, m.out_conv]
+
+        return eqx.tree_at(later, fill(1.0)(params), replace_fn=fill(0.0))
+
     # -- pieces of the forward (public for analysis and tests) ---------------------------------
 
     def embed_time(self, t: Float[Array, ""]) -> Float[Array, " emb"]:

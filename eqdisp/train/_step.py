@@ -1,6 +1,7 @@
 """The train state, the one compiled train step, and the training diagnostics beside it."""
 
 import dataclasses
+import math
 
 import equinox as eqx
 import jax
@@ -136,19 +137,16 @@ def diagnostic_disp(disp: DispConfig) -> DispConfig:
     return dataclasses.replace(disp, variant=variant, weight=weight)
 
 
-def _shared_mask(params: PyTree, block: int) -> PyTree:
-    """1 on the parameters shared by the diffusion term and the dispersive term of the 0-based
-    `block`: the embedders and blocks ``0..block`` (a slice of the stacked blocks), 0 on the
-    later blocks and the final layer. Scalars broadcast over whole leaves."""
+def _tap_features(
+    model: eqx.Module, x: Float[Array, "batch c h w"], y: Int[Array, " batch"], block: int
+) -> int:
+    """D, the size of one example's tap of the 0-based `block` (tokens x channels)."""
 
-    def first_blocks(a):
-        keep = (jnp.arange(a.shape[0]) <= block).astype(a.dtype)
-        return keep.reshape(-1, *(1,) * (a.ndim - 1))
+    def tap():
+        t = jnp.zeros((), jnp.float32)
+        return model.forward_with_taps(x[0], t, y[0], tap_blocks=(block,))[1].blocks
 
-    mask = jax.tree.map(lambda a: jnp.ones((), a.dtype), params)
-    mask = eqx.tree_at(lambda m: m.blocks, mask, jax.tree.map(first_blocks, params.blocks))
-    zeros = jax.tree.map(lambda a: jnp.zeros((), a.dtype), params.final_layer)
-    return eqx.tree_at(lambda m: m.final_layer, mask, zeros)
+    return math.prod(jax.eval_shape(tap).shape[1:])
 
 
 def _masked_dot(a: PyTree, b: PyTree, mask: PyTree) -> Float[Array, ""]:
@@ -166,8 +164,7 @@ def make_diagnostics(objective: AbstractObjective, disp: DispConfig, *, mesh: Me
     apart (``d_ij >> tau``) and the term has stopped pushing. Computed for the term
     `diagnostic_disp(disp)` (for a baseline, the paper's InfoNCE-L2, so baseline and regularised
     runs compare), with one forward pass and one backward pass per term; nothing is donated, so a
-    run's weights do not depend on whether it computes these. For a `DiffusionTransformer` and
-    each regularised block ``b`` (1-based, as in ``disp.blocks``):
+    run's weights do not depend on whether it computes these. For each regularised block ``b`` (1-based, as in ``disp.blocks``):
 
     - ``disp_gap/b{b}``: the block's dispersive loss minus its floor
       (`eqdisp.dispersive.dispersive_floor` for the group size used; InfoNCE-L2: `-log(group)`,
@@ -185,10 +182,12 @@ def make_diagnostics(objective: AbstractObjective, disp: DispConfig, *, mesh: Me
 
     and ``grad_norm_diff``: the norm of the diffusion loss' gradient on all parameters.
 
-    "The parameters shared with block b" are those both terms depend on: the patch, time and label
-    embedders and transformer blocks 1..b (slices of the stacked blocks); not blocks b+1..depth
-    and not the final layer, which only the diffusion loss reaches. The dispersive gradient is
-    zero outside them, so its norm and the cosine are the same over all parameters.
+    "The parameters shared with block b" are those both terms depend on,
+    ``model.upstream_mask``: for a transformer, the patch, time and label embedders and blocks
+    1..b (slices of the stacked blocks), not blocks b+1..depth and not the final layer, which
+    only the diffusion loss reaches; for a U-Net, everything that runs before ResBlock b's
+    output. The dispersive gradient is zero outside them, so its norm and the cosine are the
+    same over all parameters.
 
     The group size is the configured one, or the whole batch when it does not divide the batch
     (possible for a baseline, whose `group_size` is not checked against the batch).
@@ -234,16 +233,16 @@ def make_diagnostics(objective: AbstractObjective, disp: DispConfig, *, mesh: Me
         one, zero = jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32)
         (g_diff,) = pullback((one, jnp.zeros_like(per_block)))
         metrics = {"grad_norm_diff": optax.tree.norm(g_diff)}
-        floor = dispersive_floor(
-            term.variant,
-            term.group_size or batch,
-            tau=term.tau,
-            margin=term.margin,
-            features=model.num_tokens * model.dim,
-        )
         for k, b in enumerate(blocks):
+            floor = dispersive_floor(
+                term.variant,
+                term.group_size or batch,
+                tau=term.tau,
+                margin=term.margin,
+                features=_tap_features(model, x, y, b),
+            )
             (g_disp,) = pullback((zero, jax.nn.one_hot(k, len(blocks), dtype=jnp.float32)))
-            mask = _shared_mask(params, b)
+            mask = model.upstream_mask(b)
             diff_sq = _masked_dot(g_diff, g_diff, mask)
             disp_sq = _masked_dot(g_disp, g_disp, mask)
             norms = jnp.sqrt(diff_sq) * jnp.sqrt(disp_sq)
