@@ -37,7 +37,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 import eqdisp
-from eqdisp.config import DataConfig, ExperimentConfig
+from eqdisp.config import ConfigError, DataConfig, ExperimentConfig, resolve_blocks
 
 from ._errors import AnalysisError
 from ._metrics import (
@@ -152,29 +152,15 @@ class Options:
 
 
 def parse_blocks(spec: str, depth: int) -> tuple[int, ...]:
-    """`Options.blocks` as sorted, unique **1-based** block numbers for a model of `depth` blocks.
+    """`Options.blocks` as sorted, unique **1-based** block numbers for a model of `depth` blocks
+    (the grammar of ``DispConfig.blocks``: ``all``, ``quarter``, ``last`` or ``1,3``).
 
-    **Raises:** `AnalysisError` naming the block when one is out of range or the spec is malformed.
+    **Raises:** `AnalysisError` naming the spec when a block is out of range or it is malformed.
     """
-    spec = str(spec).strip().lower()
-    if spec == "all":
-        return tuple(range(1, depth + 1))
-    if spec == "quarter":
-        return (max(depth // 4, 1),)
-    if spec == "last":
-        return (depth,)
     try:
-        blocks = sorted({int(s) for s in spec.split(",")})
-    except ValueError:
-        raise AnalysisError(
-            f"blocks={spec!r} is not allowed: expected 'all', 'quarter', 'last' or 1-based numbers such as '1,3'"
-        ) from None
-    for b in blocks:
-        if not 1 <= b <= depth:
-            raise AnalysisError(
-                f"block {b} is out of range: the model has {depth} blocks (numbered 1..{depth})"
-            )
-    return tuple(blocks)
+        return tuple(b + 1 for b in resolve_blocks(spec, depth, field="blocks"))
+    except ConfigError as e:
+        raise AnalysisError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Literal
 
 import tyro
 
-from eqdisp.config import ConfigError, DispConfig
+from eqdisp.config import AttentionImpl, Bf16Mode, BlockImpl, ConfigError, DispConfig, Remat
 from eqdisp.vae import VAEConfig
 
 
@@ -26,13 +26,13 @@ class Step:
     batch: int = 32
     disp: DispConfig = DispConfig()
     dtype: Literal["float32", "bfloat16"] = "float32"
-    bf16_mode: Literal["auto", "cast", "dots"] = "auto"
+    bf16_mode: Bf16Mode = "auto"
     """How bfloat16 is applied (``ModelConfig.bf16_mode``); ``auto``: dots on CPU, cast elsewhere."""
-    block_impl: Literal["auto", "scan", "unroll"] = "auto"
+    block_impl: BlockImpl = "auto"
     """``auto``: scan on CPU, unrolled on accelerators."""
-    attention: Literal["auto", "einsum", "xla", "cudnn"] = "auto"
+    attention: AttentionImpl = "auto"
     """Attention kernel; ``auto``: cuDNN flash attention on NVIDIA GPUs in bfloat16, else einsum."""
-    remat: Literal["auto", "none", "dots", "full"] = "auto"
+    remat: Remat = "auto"
     """What the backward recomputes per block; ``auto``: ``dots`` on CPU, ``none`` elsewhere."""
     steps: int = 5
     """Timed steps (after 2 warm-up steps)."""
@@ -77,7 +77,7 @@ class Sample:
     evals: int = 0
     """If > 0, time only this many grid points and extrapolate to ``steps``."""
     dtype: Literal["float32", "bfloat16"] = "float32"
-    bf16_mode: Literal["auto", "cast", "dots"] = "auto"
+    bf16_mode: Bf16Mode = "auto"
     """How bfloat16 is applied (``ModelConfig.bf16_mode``); ``auto``: dots on CPU, cast elsewhere."""
     json: str | None = None
     """Also write all figures as JSON to this file; ``-`` prints the JSON instead of the summary."""
@@ -114,7 +114,7 @@ class Reference:
 
     def run(self) -> dict:
         try:
-            from cli import _torch_sit  # imports torch
+            from eqdisp import torch_reference  # imports torch
         except ImportError as error:
             raise ConfigError(
                 f"the PyTorch reference needs torch, which is not importable ({error}): "
@@ -123,13 +123,13 @@ class Reference:
         from eqdisp.bench import cpu_info
 
         if self.threads is not None:
-            _torch_sit.torch.set_num_threads(self.threads)
+            torch_reference.torch.set_num_threads(self.threads)
         if self.nfe:
-            figures = _torch_sit.bench_reference_forward(
+            figures = torch_reference.bench_reference_forward(
                 self.model, self.batch, dtype=self.dtype, evals=self.steps
             )
         else:
-            figures = _torch_sit.bench_reference_step(
+            figures = torch_reference.bench_reference_step(
                 self.model, self.batch, disp=self.disp, dtype=self.dtype, steps=self.steps
             )
         return {**figures, "cpu": cpu_info()}

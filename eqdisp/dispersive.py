@@ -20,9 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ._types import Array, Float, Scalar
-
-VARIANTS: tuple[str, ...] = ("infonce_l2", "infonce_cosine", "hinge", "covariance", "none")
-"""Variants of `dispersive_loss` and `contrastive_loss`; equal to `eqdisp.config.DISP_VARIANTS`."""
+from .config import DISP_VARIANTS as VARIANTS
 
 # Norms below _NORM_EPS count as zero vectors for the cosine (torch's cosine_similarity uses 1e-8).
 _NORM_EPS = 1e-8

@@ -216,8 +216,11 @@ def test_parse_blocks_and_options_errors():
     assert parse_blocks("all", 6) == (1, 2, 3, 4, 5, 6)
     assert parse_blocks("quarter", 6) == (1,)
     assert parse_blocks("3,1,3", 6) == (1, 3)
-    with pytest.raises(AnalysisError, match="block 7 is out of range"):
+    assert parse_blocks("last", 6) == (6,)
+    with pytest.raises(AnalysisError, match=r"blocks='1,7' is not allowed: .* between 1 and the model depth 6"):
         parse_blocks("1,7", 6)
+    with pytest.raises(AnalysisError, match=r"blocks='first' is not allowed: expected 'quarter'"):
+        parse_blocks("first", 6)
     with pytest.raises(AnalysisError, match="t=1.5"):
         Options(t=(0.5, 1.5))
     with pytest.raises(AnalysisError, match="group_size"):
@@ -443,7 +446,7 @@ def test_probes_default_to_null_label_and_warn_without_label_dropout(runs, tmp_p
     [
         (["norms", "{tmp}"], "not a run directory"),
         (["norms", "{tmp}/missing"], "no such run directory"),
-        (["norms", "{runs}/base", "--blocks", "9"], "block 9 is out of range"),
+        (["norms", "{runs}/base", "--blocks", "9"], "blocks='9' is not allowed"),
         (["probes", "{runs}/base", "--data", "folder", "--data-path", "{tmp}"], "{tmp}"),
         (["dynamics"], "no run directory given"),
     ],

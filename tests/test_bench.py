@@ -86,20 +86,20 @@ def test_cpu_info_without_proc_cpuinfo_falls_back_to_platform(monkeypatch):
 
 
 def test_reference_records_the_cpu_and_prints_a_summary(monkeypatch, capsys):
-    # Without torch: a stand-in for cli._torch_sit checks what cli.bench adds to its figures.
+    # Without torch: a stand-in for eqdisp.torch_reference checks what cli.bench adds to its figures.
     import sys
     import types
 
     from cli.bench import main
     from eqdisp.bench import cpu_info
 
-    fake = types.ModuleType("cli._torch_sit")
+    fake = types.ModuleType("eqdisp.torch_reference")
     fake.bench_reference_step = lambda name, batch, *, disp, dtype, steps: {
         "impl": "pytorch", "model": name, "batch": batch, "dtype": dtype, "step_s_median": 0.5,
         "images_per_s": 64.0,
     }
-    monkeypatch.delattr("cli._torch_sit", raising=False)
-    monkeypatch.setitem(sys.modules, "cli._torch_sit", fake)
+    monkeypatch.delattr("eqdisp.torch_reference", raising=False)
+    monkeypatch.setitem(sys.modules, "eqdisp.torch_reference", fake)
     figures = main(["reference", "SiT-S/2", "--dtype", "bfloat16"])
     assert figures["cpu"] == cpu_info() and figures["images_per_s"] == 64.0
     assert figures["dtype"] == "bfloat16"
@@ -130,8 +130,8 @@ def test_reference_without_torch_is_a_one_line_error(monkeypatch):
             raise ModuleNotFoundError("No module named 'torch'")
         return real_import(name, *args, **kwargs)
 
-    monkeypatch.delitem(sys.modules, "cli._torch_sit", raising=False)
-    monkeypatch.delattr("cli._torch_sit", raising=False)
+    monkeypatch.delitem(sys.modules, "eqdisp.torch_reference", raising=False)
+    monkeypatch.delattr("eqdisp.torch_reference", raising=False)
     monkeypatch.setattr(builtins, "__import__", no_torch)
     with pytest.raises(
         ConfigError, match=r"^the PyTorch reference needs torch, .*pip install torch$"
@@ -148,7 +148,7 @@ def test_reference_is_the_same_network(getkey, name):
     import jax
 
     import eqdisp
-    from cli._torch_sit import TorchSiT
+    from eqdisp.torch_reference import TorchSiT
 
     reference = TorchSiT(name)
     model = eqdisp.make_model(name, key=getkey())
