@@ -53,8 +53,8 @@ MODEL_SIZES: dict[str, tuple[int, int, int]] = {
 PATCH_SIZES: tuple[int, ...] = (2, 4, 8)
 
 UNET_SIZES: dict[str, dict[str, object]] = {
-    # flow_matching examples/image/models/model_configs.py, MODEL_CONFIGS["cifar10"]
-    # (reference notes meanflow_unet_fid.md §2.2): 29 ResBlocks, 55,676,419 parameters.
+    # flow_matching examples/image/models/model_configs.py, MODEL_CONFIGS["cifar10"]:
+    # 29 ResBlocks, 55,676,419 parameters.
     "CIFAR": {
         "model_channels": 128,
         "channel_mult": (2, 2, 2),
@@ -212,7 +212,8 @@ class ModelConfig:
 
 
 DispVariant = Literal["infonce_l2", "infonce_cosine", "hinge", "covariance", "none"]
-DISP_VARIANTS: tuple[str, ...] = ("infonce_l2", "infonce_cosine", "hinge", "covariance", "none")
+DISP_VARIANTS: tuple[str, ...] = get_args(DispVariant)
+"""The variants of `eqdisp.dispersive_loss` and `eqdisp.contrastive_loss` (``none``: no term)."""
 ContrastiveMode = Literal["off", "independent", "restricted"]
 
 
@@ -283,7 +284,7 @@ class DispConfig:
         return resolve_blocks(self.blocks, depth)
 
 
-def _parse_blocks(spec: str) -> tuple[str, ...] | tuple[int, ...]:
+def _parse_blocks(spec: str, field: str = "disp.blocks") -> tuple[str, ...] | tuple[int, ...]:
     spec = str(spec).strip().lower()
     if spec in ("quarter", "last", "all"):
         return (spec,)
@@ -293,20 +294,21 @@ def _parse_blocks(spec: str) -> tuple[str, ...] | tuple[int, ...]:
         indices = ()
     _check(
         bool(indices) and all(i >= 1 for i in indices),
-        "disp.blocks",
+        field,
         spec,
         "'quarter', 'last', 'all' or comma-separated 1-based block numbers such as '3' or '3,6'",
     )
     return indices
 
 
-def resolve_blocks(spec: str, depth: int) -> tuple[int, ...]:
+def resolve_blocks(spec: str, depth: int, *, field: str = "disp.blocks") -> tuple[int, ...]:
     """Turn a ``DispConfig.blocks`` string into sorted, unique 0-based block indices.
 
     ``quarter`` is block ``depth // 4`` (1-based; block 3 of 12 for SiT-B/2, as in the paper),
-    ``last`` is block ``depth`` (the public PyTorch code), ``all`` every block.
+    ``last`` is block ``depth`` (the public PyTorch code), ``all`` every block. `field` names the
+    option in the `ConfigError` a bad spec raises.
     """
-    parsed = _parse_blocks(spec)
+    parsed = _parse_blocks(spec, field)
     if parsed == ("quarter",):
         return (max(depth // 4, 1) - 1,)
     if parsed == ("last",):
@@ -314,7 +316,7 @@ def resolve_blocks(spec: str, depth: int) -> tuple[int, ...]:
     if parsed == ("all",):
         return tuple(range(depth))
     bad = [i for i in parsed if i > depth]
-    _check(not bad, "disp.blocks", spec, f"block numbers between 1 and the model depth {depth}")
+    _check(not bad, field, spec, f"block numbers between 1 and the model depth {depth}")
     return tuple(sorted({i - 1 for i in parsed}))
 
 
@@ -624,22 +626,23 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class MeanFlowConfig:
-    """MeanFlow's training constants. Defaults are the official ``configs/default.py`` (MF-B/4;
-    reference notes ``meanflow_unet_fid.md`` §1.4-1.7, §1.9); the MF-XL/2 guidance is ``omega=0.2, kappa=0.92,
-    guidance_interval=(0.0, 0.75)`` (third-party README, §1.9)."""
+    """MeanFlow's training constants. Defaults are the official ``configs/default.py`` (MF-B/4),
+    used in Gsunshine/meanflow ``meanflow.py`` (``sample_tr``, ``guidance_fn``, the loss); the
+    MF-XL/2 guidance is ``omega=0.2, kappa=0.92, guidance_interval=(0.0, 0.75)`` (a third-party
+    README, unverified)."""
 
     p_mean: float = -0.4
-    """Mean of the normal whose sigmoid gives a time (logit-normal, §1.4)."""
+    """Mean of the normal whose sigmoid gives a time (logit-normal, ``sample_tr``)."""
     p_std: float = 1.0
-    """Standard deviation of that normal (§1.4)."""
+    """Standard deviation of that normal (``sample_tr``)."""
     data_proportion: float = 0.75
     """Fraction of the batch, taken from its start, trained with ``r = t`` (plain flow matching)."""
     norm_p: float = 1.0
-    """Power ``p`` of the adaptive loss weight ``1 / (err + norm_eps)^p`` (§1.6)."""
+    """Power ``p`` of the adaptive loss weight ``1 / (err + norm_eps)^p`` (``meanflow.py`` loss)."""
     norm_eps: float = 0.01
-    """Constant ``c`` of the adaptive loss weight (§1.6; HaoyiZhu's port uses 1.0, not this)."""
+    """Constant ``c`` of the adaptive loss weight (``meanflow.py``; HaoyiZhu's port uses 1.0, not this)."""
     omega: float = 1.0
-    """Guidance weight ``omega`` of the plain velocity in the training target (§1.5)."""
+    """Guidance weight ``omega`` of the plain velocity in the training target (``guidance_fn``)."""
     kappa: float = 0.5
     """Weight ``kappa`` of the conditional network output in the target; 0 guides with the null
     output only (one extra forward instead of two). Effective guidance ``omega / (1 - kappa)``."""
@@ -817,7 +820,7 @@ _MF_IMAGENET_STEPS = 240 * 5004  # 240 epochs of ImageNet at batch 256 (Gsunshin
 
 
 def _meanflow(size_patch: str, weight: float, meanflow: MeanFlowConfig) -> ExperimentConfig:
-    """MeanFlow on ImageNet 256 latents (reference notes ``meanflow_unet_fid.md`` §1.7, §1.9):
+    """MeanFlow on ImageNet 256 latents (Gsunshine/meanflow ``configs/default.py``, ``run_b4.yml``):
     AdamW 1e-4 constant, betas (0.9, 0.95), no decay, batch 256, EMA 0.9999, 240 epochs,
     Dispersive Loss at block depth//4 with the paper's lambda, 1-step sampling."""
     return ExperimentConfig(
@@ -844,7 +847,8 @@ _MEANFLOW_TINY = dataclasses.replace(
 _CIFAR_STEPS = 1800 * 97  # 1,800 epochs of 97 steps (50,000 images over 8 GPUs x 64, drop_last)
 
 
-# flow_matching's CIFAR-10 recipe (reference notes meanflow_unet_fid.md §2.4-2.5): CondOT path
+# flow_matching's CIFAR-10 recipe (examples/image: README's cifar10 command, train_arg_parser.py,
+# training/train_loop.py, models/ema.py, training/edm_time_discretization.py): CondOT path
 # with logit-normal(1.2, 1.2) times, AdamW 1e-4 with betas (0.9, 0.95) and torch's default weight
 # decay 0.01, EMA 0.999 with warm-up, Heun on the EDM grid of 50 noise levels; Dispersive Loss
 # with the paper's defaults at its "residual block 15" (0-based, so "16" here; the reading is
