@@ -152,15 +152,15 @@ class ModelConfig:
     class_dropout_prob: float = 0.1
     """Probability of replacing a label by the null label during training (for CFG)."""
     block_impl: BlockImpl = "auto"
-    """Run the stacked blocks under ``lax.scan`` or unrolled; ``auto``: scan on CPU (with remat, SiT-S/2 batch 32 on 2 cores: 1.29x faster than unrolled; XL/2 compiles in 6 s instead of 86 s), unrolled elsewhere (1.55x faster for SiT-B/2 on an H200)."""
+    """Run the stacked blocks under ``lax.scan`` or unrolled; ``auto``: scan on CPU (faster with remat, and compiles in seconds), unrolled elsewhere (README, Speed, has the figures)."""
     dtype: ComputeDtype = "float32"
-    """Compute dtype of the forward pass; parameters stay float32 (master weights). ``auto``: bfloat16 on a CPU with bfloat16 matrix instructions (AMX or AVX-512-BF16: SiT-S/2 batch-32 train step 2.09x faster on a 2-core Xeon with AMX, losses within 3% of float32), float32 elsewhere (choose bfloat16 on an accelerator yourself)."""
+    """Compute dtype of the forward pass; parameters stay float32 (master weights). ``auto``: bfloat16 on a CPU with bfloat16 matrix instructions (AMX or AVX-512-BF16; README, Speed), float32 elsewhere (choose bfloat16 on an accelerator yourself)."""
     bf16_mode: Bf16Mode = "auto"
     """How ``dtype bfloat16`` is applied: ``cast`` runs the network in bfloat16 (LayerNorm statistics and softmax in float32); ``dots`` keeps activations float32 and gives the blocks' matmuls and attention bfloat16 operands with float32 accumulation, forward and backward, in the forms XLA:CPU runs on AMX/AVX-512-BF16. ``auto``: dots on CPU, cast elsewhere. No effect with float32."""
     attention: AttentionImpl = "auto"
-    """Attention kernel: ``einsum`` (two einsums, float32 softmax), ``xla`` (``jax.nn.dot_product_attention``) or ``cudnn`` (its cuDNN flash attention: NVIDIA GPUs, ``dtype bfloat16``); ``auto``: cudnn where it applies (1.3x faster for SiT-B/2 on an H200), else einsum (the fastest measured on CPU)."""
+    """Attention kernel: ``einsum`` (two einsums, float32 softmax), ``xla`` (``jax.nn.dot_product_attention``) or ``cudnn`` (its cuDNN flash attention: NVIDIA GPUs, ``dtype bfloat16``); ``auto``: cudnn where it applies, else einsum (the fastest measured on CPU; README, Speed)."""
     remat: Remat = "auto"
-    """What the backward pass recomputes per block instead of storing: ``none``; ``dots`` (keep the linear layers' outputs, recompute attention and elementwise ops); ``full`` (keep only block inputs). ``auto``: ``dots`` on CPU (SiT-S/2 batch 32: 1.28x faster, the saved activations are what the CPU step waits for), ``none`` elsewhere."""
+    """What the backward pass recomputes per block instead of storing: ``none``; ``dots`` (keep the linear layers' outputs, recompute attention and elementwise ops); ``full`` (keep only block inputs). ``auto``: ``dots`` on CPU (the saved activations are what the CPU step waits for; README, Speed), ``none`` elsewhere."""
     time_convention: TimeConvention = "sit"
     """Time convention the weights were trained in: ``sit`` (t=1 data, the library's) or ``repa`` (REPA's released weights: t=1 noise, velocity noise - data; SiT names only). A ``repa`` network is fed 1-t and its output negated, so it returns SiT velocities like every eqdisp model."""
 
@@ -577,9 +577,8 @@ class RunConfig:
     ``grad_norm_disp/b*``, ``grad_norm_diff``, ``grad_cos/b*``: ``make_diagnostics`` in
     ``eqdisp/train/_step.py``; for a baseline, the paper's term) in ``metrics.jsonl``, in a row of
     its own between two ``log_every`` rows. Measured on the train step's batch and key without
-    changing the run. One call costs 1.6-1.7 train steps (a forward and a backward pass per
-    term; 2-core Xeon with AVX-512/AMX: sit-tiny 256 ms against 160 ms, SiT-S/2 batch 32 14.6 s
-    against 8.6 s) and compiles in ~4 s, so 100 adds ~1.7% to a run. 0 disables."""
+    changing the run. One call costs a forward and a backward pass per term, under two train
+    steps (README, Speed), so 100 adds about 2% to a run. 0 disables."""
     sample_count: int = 64
     """Images in the sample grids (from the EMA model) written during and at the end of the run; 0
     skips them. They follow the run's sampler (250 Heun steps by default: minutes per image for a

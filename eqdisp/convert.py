@@ -1,6 +1,6 @@
 """Released PyTorch SiT, DiT, REPA and Dispersive-Loss checkpoints to eqdisp models and runs.
 
-The layout is the official `models.py` of DiT and SiT (`reference/state_dict_layouts.md`; REPA's
+The layout is the official `models.py` of DiT and SiT (class `DiT` / `SiT`; REPA's
 `models/sit.py` is the same network plus its `projectors`), and the mapping is exact in both
 directions:
 

@@ -1,7 +1,8 @@
 """DiT's Gaussian diffusion: the linear-beta DDPM, its hybrid training loss and the DDPM/DDIM samplers.
 
 A transcription of DiT's ``diffusion/`` (``create_diffusion`` defaults: eps prediction, LEARNED_RANGE
-variance, hybrid loss ``MSE + VB``; reference notes ``sit_dit_repa.md`` §4 and §9 item 12).
+variance, hybrid loss ``MSE + VB``; ``facebookresearch/DiT`` ``diffusion/__init__.py``,
+``diffusion/gaussian_diffusion.py`` and ``diffusion/respace.py``).
 
 **Time convention: DiT's, not eqdisp's.** :mod:`eqdisp.transport` (SiT) runs ``t`` in ``[0, 1]``
 with ``t = 1`` data. Here ``t`` is the integer step index ``0..T-1`` (``T = 1000``), carried as an

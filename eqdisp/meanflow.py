@@ -1,7 +1,7 @@
 """MeanFlow (Geng et al. 2025): the training target, loss and 1-/2-step sampler, as pure functions.
 
-Facts and constants: reference notes ``meanflow_unet_fid.md`` §1, read from the official JAX code
-``Gsunshine/meanflow`` (``meanflow.py``, class ``MeanFlow``). Formulas cite its methods.
+Facts and constants are read from the official JAX code ``Gsunshine/meanflow`` (``meanflow.py``,
+class ``MeanFlow``; defaults from ``configs/default.py``). Formulas cite its methods.
 
 **Time convention (MeanFlow's, the opposite of the rest of eqdisp).** Here ``t = 0`` is data and
 ``t = 1`` is noise: ``z_t = (1 - t) x + t e`` with ``e ~ N(0, I)``, the conditional velocity is
@@ -11,7 +11,8 @@ as is, in [0, 1] (no x1000), so do not convert: these functions never call a SiT
 
 The network learns the *average velocity* ``u(z_t, r, t) = 1/(t - r) int_r^t v(z_s, s) ds`` for
 ``r <= t``; one sampling step is ``z_r = z_t - (t - r) u(z_t, r, t)``. It is conditioned on the
-pair ``(t, h = t - r)`` (two time embedders summed into adaLN's ``c``, §1.3).
+pair ``(t, h = t - r)`` (two time embedders summed into adaLN's ``c``: ``t_embedder`` and
+``h_embedder`` in Gsunshine/meanflow ``models/models_dit.py``).
 
 **The network protocol.** Every function takes a per-example network
 
@@ -70,7 +71,7 @@ def sample_tr(
     p_std: float = 1.0,
     data_proportion: float = 0.75,
 ) -> tuple[Float[Array, " batch"], Float[Array, " batch"]]:
-    """The training times ``(t, r)``, Gsunshine/meanflow meanflow.py `MeanFlow.sample_tr` (§1.4).
+    """The training times ``(t, r)``, Gsunshine/meanflow meanflow.py `MeanFlow.sample_tr`.
 
     Two independent logit-normal draws ``sigmoid(p_std n + p_mean)``, ``n ~ N(0, 1)``; ``t`` is
     their maximum and ``r`` their minimum. The first ``floor(data_proportion * batch)`` examples
@@ -106,7 +107,7 @@ def guided_velocity(
     interval: tuple[float, float] = (0.0, 1.0),
 ) -> Float[Array, "batch c h w"]:
     """The guided training velocity ``v_g``: classifier-free guidance folded into the target,
-    Gsunshine/meanflow meanflow.py `MeanFlow.guidance_fn` (§1.5).
+    Gsunshine/meanflow meanflow.py `MeanFlow.guidance_fn`.
 
     With ``u_cfg(y) = net(z_t, t, h=0, y)`` (``r = t``, no taps) and ``null = num_classes``:
 
@@ -162,7 +163,7 @@ def cond_drop(
     prob: float = 0.1,
 ) -> tuple[Int[Array, " batch"], Float[Array, "batch c h w"]]:
     """Label dropout for classifier-free guidance, Gsunshine/meanflow meanflow.py
-    `MeanFlow.cond_drop` (§1.5).
+    `MeanFlow.cond_drop`.
 
     ``num_drop = sum_i [U_i < prob]`` with ``U ~ Uniform(0, 1)^batch`` (a Binomial count); the
     **first** ``num_drop`` examples get the null label and the plain velocity ``v`` as their
@@ -204,7 +205,7 @@ def meanflow_jvp(
     tap_blocks: Sequence[int] = (),
 ) -> tuple[Float[Array, "batch c h w"], Float[Array, "batch c h w"], Any]:
     """The prediction ``u`` and its total time derivative ``du/dt`` in one forward-mode pass,
-    Gsunshine/meanflow meanflow.py `MeanFlow.forward` (§1.6).
+    Gsunshine/meanflow meanflow.py `MeanFlow.forward`.
 
     Per example, ``jax.jvp`` of ``f(z, t, r) = net(z, t, t - r, y)`` at ``(z_t, t, r)`` along the
     tangent ``(v_g, 1, 0)``: the total derivative ``du/dt = (d_z u) v_g + d_t u + d_h u`` along
@@ -242,7 +243,7 @@ def meanflow_target(
     t: Float[Array, " batch"],
     r: Float[Array, " batch"],
 ) -> Float[Array, "batch c h w"]:
-    """The MeanFlow identity as a regression target (MeanFlow Eq. 10; §1.6):
+    """The MeanFlow identity as a regression target (MeanFlow Eq. 10; `MeanFlow.forward`):
     ``u_tgt = stop_gradient(v_g - clip(t - r, 0, 1) du/dt)``; ``v_g`` where ``r = t``.
 
     **Arguments:** the guided velocity, ``du/dt`` from `meanflow_jvp`, and the times.
@@ -266,7 +267,8 @@ def meanflow_loss(
     tap_blocks: Sequence[int] = (),
 ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
     """MeanFlow's training loss plus, optionally, lambda times the Dispersive Loss,
-    Gsunshine/meanflow meanflow.py `MeanFlow.forward` (§1.4-1.6, §1.10).
+    Gsunshine/meanflow meanflow.py `MeanFlow.forward`; the Dispersive term on one block as in
+    Wang & He 2025, Appendix A.
 
     Batch level (the network runs per example under ``jax.vmap``):
 
@@ -292,7 +294,9 @@ def meanflow_loss(
     - `disp_fn`: the dispersive loss of a ``(batch, feature)`` array, or ``None`` for MeanFlow
         alone (then no block is tapped unless `tap_blocks` asks).
     - `disp_weight`: lambda, required with `disp_fn`.
-    - `tap_blocks`: 0-based blocks to regularise (MF-B: ``(2,)``, MF-XL/2: ``(6,)``, §1.10).
+    - `tap_blocks`: 0-based blocks to regularise (MF-B: ``(2,)``, MF-XL/2: ``(6,)``: block
+      ``depth // 4``, "the same single block as in our SiT experiments", Wang & He 2025, App. A;
+      ``depth=num_layers//4`` in the ``raywang4/DispLoss`` README, "Differences from JAX").
 
     **Returns:**
 
@@ -384,7 +388,8 @@ def _sum_squares(a: Float[Array, "batch c h w"]) -> Float[Array, " batch"]:
 def time_grid(steps: int | Sequence[float | int]) -> tuple[float, ...]:
     """The sampling times from noise to data: ``linspace(1, 0, steps + 1)`` for an int (1 step:
     ``(1, 0)``; 2 steps: ``(1, 0.5, 0)``, as the third-party ports do), else the given times,
-    which must decrease strictly within [0, 1] (the official ``sampling_timesteps``, §1.8)."""
+    which must decrease strictly within [0, 1] (the official config's
+    ``sampling.sampling_timesteps``, read by ``generate`` in Gsunshine/meanflow ``meanflow.py``)."""
     if isinstance(steps, int) and not isinstance(steps, bool):
         _check(steps >= 1, "meanflow steps", steps, "an int >= 1 or a decreasing list of times")
         return tuple(float(s) for s in np.linspace(1.0, 0.0, steps + 1))
@@ -402,7 +407,7 @@ def meanflow_sample(
     steps: int | Sequence[float | int] = 1,
 ) -> Float[Array, "batch c h w"]:
     """Few-step MeanFlow sampling, Gsunshine/meanflow meanflow.py `MeanFlow.sample_one_step` under
-    `generate`'s loop (§1.8): ``z <- z - (t - r) u(z, t, h = t - r, y)`` over consecutive times
+    `generate`'s loop: ``z <- z - (t - r) u(z, t, h = t - r, y)`` over consecutive times
     ``t > r`` of `time_grid(steps)`.
 
     One network evaluation per step; no guidance at inference (it is part of the training

@@ -1,10 +1,10 @@
 """Samplers of SiT's transports: probability-flow ODE, reverse SDE, classifier-free guidance.
 
 Time runs forward from noise (``t0``) to data (``t1``); the convention is written down once, in
-:mod:`eqdisp.transport`. Step counting is SiT's (reference notes ``sit_dit_repa.md`` §3): ``steps``
-counts the points of the float32 grid ``linspace(t0, t1, steps)``, so the ODE takes ``steps - 1``
-steps (Heun: ``2 (steps - 1)`` network evaluations) and the SDE ``steps - 1`` stochastic steps plus
-one last deterministic step.
+:mod:`eqdisp.transport`. Step counting is SiT's (``transport/transport.py``, ``Sampler.sample_ode``
+and ``Sampler.sample_sde``): ``steps`` counts the points of the float32 grid
+``linspace(t0, t1, steps)``, so the ODE takes ``steps - 1`` steps (Heun: ``2 (steps - 1)`` network
+evaluations) and the SDE ``steps - 1`` stochastic steps plus one last deterministic step.
 
 Every sampler is one compiled program. Fixed grids (Euler, Heun, the SDE) are a ``lax.scan``; the
 adaptive ODE solver is diffrax's ``Dopri5``. Why not diffrax's ``Heun`` with ``StepTo`` for the

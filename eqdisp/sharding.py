@@ -14,9 +14,11 @@ reduce-scatters its gradient).
 - Each device holds ``global / jax.device_count()`` consecutive examples (`batch_sharding`).
 - The train step is one SPMD program over the *global* batch, so the Dispersive Loss groups are
   consecutive ``group_size`` examples of the global batch, exactly as on one device: results do
-  not depend on the number of devices (DESIGN.md, "Groups, not devices"). For speed, ``group_size``
-  should divide the per-device batch; otherwise a group straddles two devices, which is still
-  correct (XLA moves the rows it needs) but adds communication. Nothing is raised for it.
+  not depend on the number of devices. A group stands in for one of the paper's devices (batch
+  256, Wang & He 2025, Table 8; 16 devices of 16 examples each, ``raywang4/DispLoss`` README,
+  "Differences from JAX"). For speed, ``group_size`` should divide the per-device batch;
+  otherwise a group straddles two devices, which is still correct (XLA moves the rows it needs)
+  but adds communication. Nothing is raised for it.
 
 **Multi-host.** Call `initialize_distributed` first thing in the program, before anything touches
 a device; build the mesh with `make_mesh`; feed each process's slice through `global_batch`.

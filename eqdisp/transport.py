@@ -55,7 +55,7 @@ class AbstractPath(eqx.Module):
 
     Coefficient methods take a time array of any shape and return an array of that shape.
     Conversions take one example (any shape) and a scalar time. Formulas: SiT ``transport/path.py``
-    (reference notes ``sit_dit_repa.md`` §2.2).
+    (``ICPlan``, ``GVPCPlan``, ``VPCPlan``).
     """
 
     @abc.abstractmethod

@@ -1,7 +1,7 @@
 """The U-Net as a model family: names, presets, flow_matching's recipe (logit-normal times, EMA
 warm-up, EDM grid) and the tools (train, sample, analyze) on a U-Net run.
 
-The network itself is tested in `test_unet.py`; facts: reference notes meanflow_unet_fid.md §2.
+The network itself is tested in `test_unet.py`; the facts are flow_matching's `examples/image`.
 """
 
 import dataclasses

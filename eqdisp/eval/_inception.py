@@ -1,21 +1,26 @@
 """The FID Inception-v3 (TF graph 2015-12-05, pytorch-fid layout) in Equinox, and its weight loader.
 
-Facts from `reference/meanflow_unet_fid.md` §3 and `reference/state_dict_layouts.md`:
+Facts from pytorch-fid `src/pytorch_fid/inception.py`, torch-fidelity
+`torch_fidelity/feature_extractor_inceptionv3.py` (`FeatureExtractorInceptionV3`) and
+guided-diffusion `evaluations/evaluator.py`:
 
 - Architecture = pytorch-fid's `fid_inception_v3`: torchvision Inception3 with 1008 classes, no aux
-  head, and the FID patches (§3.2): the 3x3/1 average pools of Mixed_5b-d, Mixed_6b-e and Mixed_7b
-  exclude the padding (`count_include_pad=False`); Mixed_7c's pool branch is a 3x3/1 *max* pool.
+  head, and the FID patches (`FIDInceptionA`, `FIDInceptionC`, `FIDInceptionE_1`,
+  `FIDInceptionE_2`): the 3x3/1 average pools of Mixed_5b-d, Mixed_6b-e and Mixed_7b exclude the
+  padding (`count_include_pad=False`); Mixed_7c's pool branch is a 3x3/1 *max* pool.
   Every BasicConv2d is conv (no bias) + inference BatchNorm (eps = 1e-3) + ReLU.
 - Input convention of this module: **float pixel values in [0, 255], channels first**
   (`uint8.astype(float32)`; from [-1, 1] model outputs use `eqdisp.images.to_uint8`, which also
-  quantises, as every FID pipeline does, §3.6). Two front ends (§3.7), chosen by `frontend`:
-  `"tf1"` (default; ADM / TF graph / torch-fidelity): TF1 `ResizeBilinear` to 299 with
-  `src = dst * in / out`, then `(x - 128) / 128`; `"pytorch_fid"`: `F.interpolate(bilinear,
-  align_corners=False)` (half-pixel centres) on `x / 255`, then `2x - 1`.
-- Features (§3.1): `pool3` = global average of Mixed_7c (2048); `spatial` = ReLU output of
-  Mixed_6d.branch1x1 (TF `mixed_6/conv`), first 7 channels, flattened H, W, C (17*17*7 = 2023, sFID);
-  `logits` = `fc.weight @ pool3` **without** the bias (1008 classes; ADM's `softmax/logits/MatMul`
-  and torch-fidelity's `logits_unbiased`, both used for the Inception Score).
+  quantises, as every FID pipeline does). Two front ends, chosen by `frontend`:
+  `"tf1"` (default; ADM / TF graph / torch-fidelity's `interpolate_bilinear_2d_like_tensorflow1x`):
+  TF1 `ResizeBilinear` to 299 with `src = dst * in / out`, then `(x - 128) / 128`;
+  `"pytorch_fid"`: `F.interpolate(bilinear, align_corners=False)` (half-pixel centres) on
+  `x / 255`, then `2x - 1`.
+- Features (ADM's `evaluator.py`): `pool3` = global average of Mixed_7c (2048); `spatial` = ReLU
+  output of Mixed_6d.branch1x1 (TF `mixed_6/conv`), first 7 channels, flattened H, W, C
+  (17*17*7 = 2023, sFID); `logits` = `fc.weight @ pool3` **without** the bias (1008 classes;
+  ADM's `softmax/logits/MatMul` and torch-fidelity's `logits_unbiased`, both used for the
+  Inception Score).
 - Computation is NHWC with HWIO kernels (XLA:CPU's native layout). BatchNorm is folded into the
   conv at call time; the module stores the file's raw tensors so the state dict round-trips exactly.
 
@@ -48,10 +53,10 @@ WEIGHTS_URL = (
 WEIGHTS_ENV = "EQDISP_INCEPTION"
 """Environment variable naming the weight file (`load_inception` with no path reads it)."""
 
-_BN_EPS = 1e-3  # TF Inception's BatchNorm epsilon (§3.2), not PyTorch's 1e-5.
+_BN_EPS = 1e-3  # TF Inception's BatchNorm epsilon (as in pytorch-fid), not PyTorch's 1e-5.
 _SIZE = 299
 _NUM_CLASSES = 1008
-_SPATIAL_CHANNELS = 7  # ADM keeps the first 7 channels of mixed_6/conv (§3.1).
+_SPATIAL_CHANNELS = 7  # ADM keeps the first 7 channels of mixed_6/conv (`evaluator.py`).
 
 
 class InceptionWeightsError(WeightsError):
@@ -314,7 +319,7 @@ class InceptionD(eqx.Module):
 
 class InceptionE(eqx.Module):
     """pytorch-fid `FIDInceptionE_1` (Mixed_7b, `pool="avg"`, padding excluded) and
-    `FIDInceptionE_2` (Mixed_7c, `pool="max"`: the TF graph's quirk, §3.2)."""
+    `FIDInceptionE_2` (Mixed_7c, `pool="max"`: the TF graph's quirk)."""
 
     branch1x1: BasicConv2d
     branch3x3_1: BasicConv2d
@@ -581,7 +586,8 @@ def state_dict_to_model(state: Mapping[str, Any], *, frontend: Frontend = "tf1")
 
     **Arguments:**
 
-    - `state`: key -> array, PyTorch names and layouts (`state_dict_layouts.md`). The 94
+    - `state`: key -> array, PyTorch names and layouts (those of pytorch-fid's
+        `pt_inception-2015-12-05-6726825d.pth`, i.e. `fid_inception_v3`'s state dict). The 94
         `*.bn.num_batches_tracked` entries may be present or absent; they are ignored.
     - `frontend`: see `InceptionV3FID`.
 

@@ -1,7 +1,6 @@
 """Sample-quality metrics with the conventions of the ADM evaluator, on feature arrays.
 
-The conventions (``guided-diffusion/evaluations/evaluator.py``; reference notes
-``meanflow_unet_fid.md`` §3):
+The conventions (``openai/guided-diffusion`` ``evaluations/evaluator.py``):
 
 - **FID**: Fréchet distance between Gaussians fitted to features, ``mu`` the mean and ``sigma``
   the unbiased covariance (``np.cov``, N - 1), computed here in float64. The trace term uses

@@ -1,6 +1,7 @@
 """Input embedders of the DiT/SiT transformer: patches, fixed 2-D positions, timesteps, labels.
 
-Constants follow `reference/sit_dit_repa.md` §1.2-1.5 exactly; section numbers are cited inline.
+Constants follow the official `models.py` of DiT (`facebookresearch/DiT`) and SiT (`willisma/SiT`,
+a copy of DiT's) exactly; the class or function each follows is cited inline.
 """
 
 import functools
@@ -52,7 +53,7 @@ def make_linear(
     else:
         raise ValueError(f"init={init!r} is not allowed: expected 'xavier', 'normal' or 'zero'")
     linear = eqx.nn.Linear(in_features, out_features, key=key)
-    # Replace Equinox's default uniform(+-1/sqrt(fan_in)) init (pitfall 7 of the reference).
+    # Replace Equinox's default uniform(+-1/sqrt(fan_in)) init (DiT `DiT.initialize_weights`).
     return eqx.tree_at(
         lambda lin: (lin.weight, lin.bias), linear, (weight, jnp.zeros((out_features,), jnp.float32))
     )
@@ -71,8 +72,8 @@ def patchify(x: Float[Array, "c h w"], patch_size: int) -> Float[Array, "tokens 
     """Cut an image into non-overlapping `p x p` patches, one row per token.
 
     Tokens are row-major over the patch grid (token `k = i*G + j`) and each row is flattened in
-    `(c, kh, kw)` order, the layout of PyTorch's Conv2d weight `(D, C, p, p)` (§1.2), so a
-    conv weight reshaped to `(D, C*p*p)` applies unchanged.
+    `(c, kh, kw)` order, the layout of PyTorch's Conv2d weight `(D, C, p, p)` (timm `PatchEmbed`,
+    DiT's `x_embedder`), so a conv weight reshaped to `(D, C*p*p)` applies unchanged.
     """
     c, h, w = x.shape
     p = patch_size
@@ -85,7 +86,8 @@ def unpatchify(
     tokens: Float[Array, "tokens patch_features"], patch_size: int, channels: int
 ) -> Float[Array, "channels h w"]:
     """Inverse layout of the final layer's output: each token vector is ordered `(kh, kw, c)`,
-    `c` fastest (§1.7; *not* the input's `(c, kh, kw)`); the grid is square and row-major.
+    `c` fastest (DiT `DiT.unpatchify`; *not* the input's `(c, kh, kw)`); the grid is square and
+    row-major.
     """
     p = patch_size
     grid = math.isqrt(tokens.shape[0])
@@ -95,7 +97,8 @@ def unpatchify(
 
 
 class PatchEmbed(eqx.Module):
-    """Conv2d(k = s = p, bias) as a Linear on patches flattened in `(c, kh, kw)` order (§1.2)."""
+    """Conv2d(k = s = p, bias) as a Linear on patches flattened in `(c, kh, kw)` order (timm
+    `PatchEmbed`, DiT's `x_embedder`)."""
 
     proj: eqx.nn.Linear
     patch_size: int = eqx.field(static=True)
@@ -133,7 +136,8 @@ def _sincos_2d_cached(dim: int, grid_size: int) -> np.ndarray:
 
 
 def sincos_pos_embed_2d(dim: int, grid_size: int) -> np.ndarray:
-    """The fixed DiT/SiT position embedding, `(grid_size**2, dim)` float32 NumPy (§1.3).
+    """The fixed DiT/SiT position embedding, `(grid_size**2, dim)` float32 NumPy (DiT `models.py`
+    `get_2d_sincos_pos_embed`).
 
     Token `k = i*G + j` gets `[sin(j w), cos(j w), sin(i w), cos(i w)]` with
     `w_m = 10000^(-m / (dim/4))`, `m = 0..dim/4-1`, computed in float64 then cast to float32.
@@ -153,7 +157,8 @@ def sincos_pos_embed_2d(dim: int, grid_size: int) -> np.ndarray:
 def timestep_embedding(
     t: Float[Array, ""], dim: int = 256, max_period: float = 10000.0
 ) -> Float[Array, " frequencies"]:
-    """Sinusoidal features of a scalar time, `[cos(t f), sin(t f)]` (cos first, §1.4), float32.
+    """Sinusoidal features of a scalar time, `[cos(t f), sin(t f)]` (cos first, DiT
+    `TimestepEmbedder.timestep_embedding`), float32.
 
     `f_k = exp(-ln(max_period) k / (dim/2))`, `k = 0..dim/2-1`. `t` is used as given: SiT passes
     `t` in [0, 1], DiT integer steps 0..999.
@@ -168,7 +173,8 @@ def timestep_embedding(
 
 
 class TimestepEmbedder(eqx.Module):
-    """Sinusoidal features (256) then Linear -> SiLU -> Linear, both weights N(0, 0.02) (§1.4, §1.8)."""
+    """Sinusoidal features (256) then Linear -> SiLU -> Linear, both weights N(0, 0.02) (DiT
+    `TimestepEmbedder`, `DiT.initialize_weights`)."""
 
     mlp_in: eqx.nn.Linear
     mlp_out: eqx.nn.Linear
@@ -187,7 +193,8 @@ class TimestepEmbedder(eqx.Module):
 
 
 class LabelEmbedder(eqx.Module):
-    """Class table with one extra null row (index `num_classes`) and CFG label dropout (§1.5)."""
+    """Class table with one extra null row (index `num_classes`) and CFG label dropout (DiT
+    `LabelEmbedder`)."""
 
     embedding_table: Float[Array, "num_classes_plus_one dim"]
     num_classes: int = eqx.field(static=True)

@@ -28,10 +28,10 @@ def resolve_implementation(
 ) -> Implementation:
     """What `"auto"` stands for on `backend` (default: JAX's default backend).
 
-    On CPU: blocks under `lax.scan`, einsum attention, `remat="dots"` (on 2 cores, SiT-S/2 batch
-    32 fwd+bwd spends a quarter of its time writing and reading stacked activations; recomputing
-    attention instead is 1.28x faster) and `bf16_mode="dots"` (bfloat16 dot operands in the
-    forms that reach AMX/AVX-512-BF16; XLA:CPU runs everything else in float32 anyway).
+    On CPU: blocks under `lax.scan`, einsum attention, `remat="dots"` (a CPU step waits on the
+    activations it stores; recomputing attention is faster) and `bf16_mode="dots"` (bfloat16
+    dot operands in the forms that reach AMX/AVX-512-BF16; XLA:CPU runs everything else in
+    float32 anyway). The measurements behind each choice are in the README (Speed).
     Elsewhere: unrolled blocks, no remat, `bf16_mode="cast"`, and cuDNN flash attention on an
     NVIDIA GPU (CUDA platform) with bfloat16 compute, einsum otherwise. Explicit choices are
     returned unchanged.

@@ -1,8 +1,9 @@
 """The DiT/SiT transformer: adaLN-Zero blocks, the final layer and the backbone (one file).
 
-Every constant follows `reference/sit_dit_repa.md` §1 (section numbers cited inline). Field names
-mirror the PyTorch state dict (`x_embedder.proj`, `blocks.qkv`, `final_layer.linear`, ...), with
-`adaLN_modulation.1` spelled `adaln_modulation`, so a weight loader is a renaming plus reshapes.
+Every constant follows the official `models.py` of DiT (`facebookresearch/DiT`) and SiT
+(`willisma/SiT`); classes and functions are cited inline. Field names mirror the PyTorch state
+dict (`x_embedder.proj`, `blocks.qkv`, `final_layer.linear`, ...), with `adaLN_modulation.1`
+spelled `adaln_modulation`, so a weight loader is a renaming plus reshapes.
 """
 
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ from ._embed import (
 )
 from ._mixed import attention_bf16, linear_bf16
 
-_LN_EPS = 1e-6  # all three LayerNorms (§1.6, §1.7)
+_LN_EPS = 1e-6  # all three LayerNorms (DiT `DiTBlock.norm1/norm2`, `FinalLayer.norm_final`)
 
 # What a block's backward pass may read from its forward pass (`remat`); everything else is
 # recomputed. Under vmap the linear layers are dots without batch dimensions, attention's two
@@ -73,7 +74,7 @@ def _unstack(tree: PyTree, n: int) -> list[PyTree]:
 
 
 class TransformerBlock(eqx.Module):
-    """A DiT block with adaLN-Zero conditioning (§1.6).
+    """A DiT block with adaLN-Zero conditioning (DiT `models.py`, `DiTBlock`).
 
     `x + gate_msa * Attn(modulate(LN(x), shift_msa, scale_msa))`, then the same with the MLP;
     the six modulation chunks come from `Linear(SiLU(c))`, zero-initialised so the block starts as
@@ -104,7 +105,7 @@ class TransformerBlock(eqx.Module):
         accumulation (`linear_bf16`, `attention_bf16`); everything else stays float32."""
         qkv_key, proj_key, fc1_key, fc2_key, ada_key = jax.random.split(key, 5)
         hidden = int(dim * mlp_ratio)
-        # xavier on the fused qkv matrix (fan_out = 3D), zero biases (§1.8).
+        # xavier on the fused qkv matrix (fan_out = 3D), zero biases (DiT `initialize_weights`).
         self.qkv = make_linear(dim, 3 * dim, "xavier", key=qkv_key)
         self.proj = make_linear(dim, dim, "xavier", key=proj_key)
         self.fc1 = make_linear(dim, hidden, "xavier", key=fc1_key)
@@ -132,9 +133,9 @@ class TransformerBlock(eqx.Module):
 
         `attention="einsum"` computes it per example in `(heads, tokens, head_dim)` layout, which
         becomes `(batch, heads, tokens, head_dim)` under the caller's vmap: the fastest layout
-        measured on the CPU (`reference/cpu_perf_probe.md`, "bhnd"); scores and softmax in
-        float32. `"xla"` and `"cudnn"` call `jax.nn.dot_product_attention` with that
-        implementation (cuDNN: flash attention, the scores never stored). With
+        measured on a 2-core CPU (SiT-S/2, batch 32); scores and softmax in float32. `"xla"` and
+        `"cudnn"` call `jax.nn.dot_product_attention` with that implementation (cuDNN: flash
+        attention, the scores never stored). With
         `matmul="bfloat16"`, einsum attention is `attention_bf16` (bf16 dot operands, float32
         scores, softmax and accumulation).
         """
@@ -184,7 +185,8 @@ class TransformerBlock(eqx.Module):
 
 
 class FinalLayer(eqx.Module):
-    """LayerNorm, adaLN (shift then scale) and a zero-initialised projection to patch outputs (§1.7)."""
+    """LayerNorm, adaLN (shift then scale) and a zero-initialised projection to patch outputs (DiT
+    `FinalLayer`)."""
 
     linear: eqx.nn.Linear
     adaln_modulation: eqx.nn.Linear
@@ -227,11 +229,8 @@ class DiffusionTransformer(AbstractDiffusionModel):
 
     The blocks are one stacked `TransformerBlock` (leading `depth` axis on every array), run
     unrolled or under `lax.scan` (`block_impl`); both compute the same function. Which is faster
-    depends on the backend and the batch (`make_model`'s `"auto"` picks): on the 2-core CPU (jax
-    0.10.2, SiT-S/2 train step, no remat) scan is 2.8x faster at batch 8 and 6% slower at batch
-    32, but with `remat="dots"` it is 1.29x faster at batch 32 (5.04 s against 6.50 s), and it
-    compiles in seconds (SiT-XL/2: 6 s against 86 s unrolled); on an H200 (jax 0.11.2, bfloat16)
-    unrolled blocks make the SiT-B/2 batch-256 step 1.55x faster. Taps cost what is asked for:
+    depends on the backend and the batch (`make_model`'s `"auto"` picks; the measurements are in
+    the README, Speed); scan compiles in seconds at any depth. Taps cost what is asked for:
     `forward_with_taps(..., tap_blocks=(2,))` returns block 3 alone, which under scan rides in the
     carry rather than in a stacked `(depth, tokens, dim)` output.
 
@@ -559,7 +558,7 @@ class DiffusionTransformer(AbstractDiffusionModel):
         model = self
         if self.dtype != "float32" and self.bf16_mode == "cast":
             model = _cast_floating(self, jnp.dtype(self.dtype))
-        # REPA trained with t = 1 noise and target noise - data (reference §6.2, pitfall 3): under
+        # REPA trained with t = 1 noise and target noise - data (REPA `loss.py`, `SILoss`): under
         # t_REPA = 1 - t_SiT its velocity is minus SiT's, so it sees 1 - t and its output flips.
         repa = self.time_convention == "repa"
         c = model.condition(1 - t if repa else t, y, h=h, key=key)  # before `h` names the tokens

@@ -1,8 +1,9 @@
 """The ADM U-Net of flow_matching's CIFAR-10 example, with typed taps of every residual block.
 
 The network of `facebookresearch/flow_matching` `examples/image/models/unet.py` (itself
-guided-diffusion's `UNetModel`) as configured by `MODEL_CONFIGS["cifar10"]`; every constant follows
-`reference/meanflow_unet_fid.md` §2.2 and the block enumeration §2.3 (sections cited inline).
+guided-diffusion's `UNetModel`) as configured by `MODEL_CONFIGS["cifar10"]`
+(`examples/image/models/model_configs.py`); every constant follows those two files and
+`examples/image/models/nn.py` (classes cited inline).
 The defaults of `UNet` are the cifar10 configuration: 29 residual blocks, 55,676,419 parameters.
 
 Layout. PyTorch nests the blocks in `input_blocks`, `middle_block` and `output_blocks` containers;
@@ -32,8 +33,9 @@ DEFAULT_DISP_BLOCK: int = 15
 """The 0-based ResBlock the paper regularises on the CIFAR-10 U-Net ("residual block 15").
 
 The paper does not say how it counts. This is the 0-based count of ResBlocks in forward order
-(`[m for m in unet.modules() if isinstance(m, ResBlock)][15]`, §2.3): `output_blocks[1]`, the
-second decoder block at 8x8 with 256 channels (64 tokens x 256, d = 16384). The other readings
+(`[m for m in unet.modules() if isinstance(m, ResBlock)][15]` on flow_matching's `UNetModel`):
+`output_blocks[1]`, the second decoder block at 8x8 with 256 channels (64 tokens x 256,
+d = 16384). The other readings
 sit at the same 8x8 bottleneck with the same shape: 1-based ResBlock 15 = 0-based 14
 (`output_blocks[0]`), or 0-based container 15 (counting `input_blocks` 0-14 first) = the middle
 block, whose output is that of 0-based ResBlock 13. It is an index for `tap_blocks` (0-based);
@@ -50,8 +52,9 @@ class GroupNorm32(eqx.Module):
     """GroupNorm with a per-channel affine, computed in float32 whatever the input dtype.
 
     guided-diffusion's `GroupNorm32`: `GroupNorm(32, c, eps=1e-5)` on `x.float()`, cast back to
-    `x.dtype` (§2.2). Weight 1, bias 0 (PyTorch's init). The parameters stay float32 under a
-    bfloat16 compute dtype (`UNet` does not cast them).
+    `x.dtype` (flow_matching `examples/image/models/nn.py`, `normalization`). Weight 1, bias 0
+    (PyTorch's init). The parameters stay float32 under a bfloat16 compute dtype (`UNet` does not
+    cast them).
     """
 
     weight: Float[Array, " channels"]
@@ -91,7 +94,8 @@ def _conv2d(
     in_channels: int, out_channels: int, kernel_size: int, zero: bool, *, key: PRNGKeyArray
 ) -> eqx.nn.Conv2d:
     # Equinox's default init is PyTorch's (kaiming-uniform a = sqrt(5): weight and bias uniform in
-    # +-1/sqrt(fan_in), §2.2); `zero` gives zero weight and bias.
+    # +-1/sqrt(fan_in), as flow_matching's `conv_nd` leaves it); `zero` gives zero weight and bias
+    # (`zero_module`).
     def make() -> eqx.nn.Conv2d:
         return eqx.nn.Conv2d(
             in_channels,
@@ -134,7 +138,8 @@ def _upsample(x: Float[Array, "c h w"]) -> Float[Array, "c h2 w2"]:
 
 
 class ResBlock(eqx.Module):
-    """guided-diffusion's `ResBlock` without up/down-sampling (§2.2), in this order:
+    """guided-diffusion's `ResBlock` without up/down-sampling (flow_matching
+    `examples/image/models/unet.py`, `ResBlock._forward`), in this order:
 
     1. `h = in_conv(SiLU(in_norm(x)))` (GroupNorm, SiLU, conv3x3 `c_in -> c_out`);
     2. `scale, shift = split(emb_linear(SiLU(emb)))`, scale first;
@@ -208,7 +213,7 @@ class ResBlock(eqx.Module):
 
 class AttentionBlock(eqx.Module):
     """Self-attention over the pixels of a feature map (guided-diffusion `AttentionBlock` with
-    `QKVAttention`, the "new" order; §2.2).
+    `QKVAttention`, the "new" order; flow_matching `examples/image/models/unet.py`).
 
     `qkv = Conv1d(c -> 3c)(GroupNorm(x))`; q, k, v are the three channel chunks, each split into
     heads of `c / heads` consecutive channels; q and k are both scaled by `(c / heads)^(-1/4)`;
@@ -296,7 +301,7 @@ def _layout(
     num_res_blocks: int,
     attention_resolutions: tuple[int, ...],
 ) -> tuple[_Slot, ...]:
-    """The ResBlocks of guided-diffusion's `UNetModel.__init__` in forward order (§2.3 table)."""
+    """The ResBlocks of guided-diffusion's `UNetModel.__init__` in forward order."""
     ch = model_channels * channel_mult[0]
     skip_channels = [ch]  # what each input container pushes, input conv first
     ds = 1
@@ -384,9 +389,9 @@ def _check_config(
 
 
 def _cast_compute(tree: PyTree, dtype: jnp.dtype) -> PyTree:
-    # Cast every floating leaf but the GroupNorm affines (GroupNorm runs in float32, §2.2). Casting
-    # inside the forward keeps float32 master weights: `astype`'s transpose casts the cotangent
-    # back, so gradients arrive in float32.
+    # Cast every floating leaf but the GroupNorm affines (GroupNorm runs in float32, as
+    # guided-diffusion's `GroupNorm32` does). Casting inside the forward keeps float32 master
+    # weights: `astype`'s transpose casts the cotangent back, so gradients arrive in float32.
     def cast(node):  # a GroupNorm32 arrives whole (`is_leaf`) and passes through
         return node.astype(dtype) if eqx.is_inexact_array(node) else node
 
@@ -401,8 +406,9 @@ class UNet(AbstractDiffusionModel):
     decoder of `num_res_blocks + 1` ResBlocks per level, each fed the concatenation of the current
     map and the matching encoder output, with nearest x2 upsampling between levels; attention after
     every ResBlock at the downsample factors `attention_resolutions`; GroupNorm, SiLU and a
-    zero-initialised conv3x3 out. The defaults are the cifar10 configuration (§2.2): 32x32 inputs,
-    256 channels at 32, 16 and 8 pixels, attention at 16x16, 29 ResBlocks, 55,676,419 parameters.
+    zero-initialised conv3x3 out. The defaults are the cifar10 configuration (flow_matching
+    `MODEL_CONFIGS["cifar10"]`): 32x32 inputs, 256 channels at 32, 16 and 8 pixels, attention at
+    16x16, 29 ResBlocks, 55,676,419 parameters.
 
     Time follows eqdisp's (and flow_matching's) convention, `t = 0` noise and `t = 1` data, and is
     embedded raw (no x1000). The network is unconditional (`num_classes=None` in flow_matching):
@@ -410,7 +416,7 @@ class UNet(AbstractDiffusionModel):
     values): `resblock_updown=False`, `conv_resample=False` (pooling and nearest upsampling without
     convs), the "new" attention order, no class embedding.
 
-    Taps: `depth` is the number of ResBlocks, 0-based in forward order (§2.3: encoder
+    Taps: `depth` is the number of ResBlocks, 0-based in forward order (encoder
     `0 .. L*n-1`, middle `L*n`, `L*n+1`, decoder after; cifar10: 0-11, 12-13, 14-28); tap `k` is
     the output of `res_blocks[k]` itself, before the attention or resampling that follows it in
     its PyTorch container, as `(h * w, channels)` tokens. Taps of different shapes cannot be
@@ -453,7 +459,7 @@ class UNet(AbstractDiffusionModel):
         dtype: Literal["float32", "bfloat16"] = "float32",
         key: PRNGKeyArray,
     ):
-        """**Arguments:** (defaults: flow_matching's cifar10 configuration, §2.2)
+        """**Arguments:** (defaults: flow_matching's `MODEL_CONFIGS["cifar10"]`)
 
         - `in_channels`, `out_channels`: image channels in and out (3, 3).
         - `model_channels`: base width (128); the time embedding has `4 * model_channels`.

@@ -386,7 +386,8 @@ class Checkpointer:
             enable_async_checkpointing=True,
         )
         # Explicit handlers per item: without them a failed restore leaves the manager broken
-        # (orbax then asks for `Composite` args on every later call; see stack_notes §2).
+        # (orbax then asks for `Composite` args on every later call; seen with orbax-checkpoint
+        # 0.12.8).
         handlers = {
             _STATE: ocp.StandardCheckpointHandler(),
             _DATA: grain.checkpoint.CheckpointHandler(),

@@ -192,9 +192,8 @@ def make_diagnostics(objective: AbstractObjective, disp: DispConfig, *, mesh: Me
     The group size is the configured one, or the whole batch when it does not divide the batch
     (possible for a baseline, whose `group_size` is not checked against the batch).
 
-    Cost: one forward pass and ``1 + n_blocks`` backward passes, 1.6-1.7 train steps for one
-    block (2-core Xeon with AVX-512/AMX, medians: sit-tiny batch 64 256 ms against a 160 ms
-    step; SiT-S/2 batch 32 14.6 s against 8.6 s); compiling it takes about as long as the step's.
+    Cost: one forward pass and ``1 + n_blocks`` backward passes, under two train steps for one
+    block (README, Speed); compiling it takes about as long as the step's.
 
     **Arguments:**
 
