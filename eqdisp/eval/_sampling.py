@@ -35,6 +35,7 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from .._config_json import config_to_dict
 from ..config import SamplerConfig
 from ..images import save_grid, to_uint8
 from ..families import make_objective
@@ -124,8 +125,6 @@ def _duration(seconds: float) -> str:
 
 
 def _run_identity(ckpt, use_ema: bool) -> dict:
-    from ..train import config_to_dict
-
     config = config_to_dict(ckpt.config)
     del config["train"]["out"]  # a run is its config, not its path: a moved run still resumes
     text = json.dumps(config, sort_keys=True)

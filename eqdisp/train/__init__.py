@@ -1,12 +1,11 @@
 """Training: the train state, the compiled step, checkpoints, and the loop."""
 
+from .._config_json import config_from_dict, config_to_dict
 from ._checkpoint import (
     Checkpoint,
     Checkpointer,
     CheckpointError,
     abstract_train_state,
-    config_from_dict,
-    config_to_dict,
     load_checkpoint,
 )
 from ._loop import TrainingError, train
