@@ -58,6 +58,9 @@ from ._collect import (
     load_run as load_run,
 )
 from ._collect import (
+    null_label_trained as null_label_trained,
+)
+from ._collect import (
     parse_blocks as parse_blocks,
 )
 from ._errors import AnalysisError as AnalysisError

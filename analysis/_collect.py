@@ -69,8 +69,8 @@ PROBE_NOTES: dict[str, str] = {
         "the conditioning and accuracies near 1.0 say nothing about the representation"
     ),
     "untrained": (
-        "not meaningful: the run was trained with model.class_dropout_prob=0, so its null label "
-        "was never trained, and with the true label the blocks carry the class from the "
+        "not meaningful: the run was trained with model.class_dropout_prob=0 (MF models: "
+        "meanflow.class_dropout_prob=0), so its null label was never trained, and with the true label the blocks carry the class from the "
         "conditioning (accuracies near 1.0); no probe was run (--probe-labels true forces one)"
     ),
 }
@@ -106,11 +106,11 @@ class Options:
     """Cross-validation folds of the linear probes."""
     unconditional: bool = False
     """Feed the models the null label instead of the class for the norms and spectra (the probes'
-    label is `probe_labels`); needs a run trained with ``model.class_dropout_prob > 0``."""
+    label is `probe_labels`); needs a run that learned the null label (`null_label_trained`)."""
     probe_labels: str = "null"
     """Label fed to the model for the linear probes: ``null`` (the classifier-free-guidance label,
     index num_classes: the model sees no class, so a probe must infer it from x_t; meaningful only
-    for a run trained with ``model.class_dropout_prob > 0``, else the probes are skipped with a
+    for a run that learned the null label (`null_label_trained`), else the probes are skipped with a
     warning) or ``true`` (the class itself: the blocks carry it from the conditioning, so
     accuracies near 1.0 are expected)."""
     progress: bool = True
@@ -149,6 +149,18 @@ class Options:
             raise AnalysisError(f"folds={self.folds} is not allowed: expected at least 2")
         if not 0 <= self.seed < 2**32:
             raise AnalysisError(f"seed={self.seed} is not allowed: expected an int in [0, 2**32)")
+
+
+def null_label_trained(cfg: ExperimentConfig) -> bool:
+    """Whether the run's model learned what the null label means: it dropped labels in training
+    (``model.class_dropout_prob``, or MeanFlow's own ``meanflow.class_dropout_prob``), or it is
+    unconditional (a U-Net ignores every label, so any label feeds it no class)."""
+    family = eqdisp.parse_model_name(cfg.model.name).family
+    if family == "UNet":
+        return True
+    if family == "MF":
+        return cfg.meanflow.class_dropout_prob > 0
+    return cfg.model.class_dropout_prob > 0
 
 
 def parse_blocks(spec: str, depth: int) -> tuple[int, ...]:
@@ -442,12 +454,13 @@ def collect(
     pad = (-n) % bs  # pad the last batch (repeating examples) so every batch has one shape
     take = jnp.concatenate([jnp.arange(n), jnp.arange(pad) % n])
     x0, x1, y_true = inputs.x0[take], inputs.x1[take], inputs.y[take]
-    trained_null = run.config.model.class_dropout_prob > 0
+    trained_null = null_label_trained(run.config)
     y_null = jnp.full_like(y_true, run.config.model.num_classes)  # the null label
     if options.unconditional and not trained_null:
         raise AnalysisError(
             f"--unconditional is not allowed for {run.path}: it was trained with "
-            "model.class_dropout_prob=0, so its null label was never trained"
+            "model.class_dropout_prob=0 (MF models: meanflow.class_dropout_prob=0), so its null "
+            "label was never trained"
         )
     y = y_null if options.unconditional else y_true
     spectra, probes = "spectra" in analyses, "probes" in analyses
@@ -633,6 +646,7 @@ __all__ = [
     "list_steps",
     "load_inputs",
     "load_run",
+    "null_label_trained",
     "parse_blocks",
     "run_name",
 ]

@@ -268,3 +268,14 @@ def test_unet_diagnostics_mask_what_the_dispersive_term_reaches():
     }
     assert all(np.isfinite(v) for v in out.values()) and out["disp_gap/b6"] >= -1e-5
     assert out["grad_norm_disp/b6"] == pytest.approx(0.5 * out["grad_norm_disp_unweighted/b6"])
+
+
+def test_the_analysis_knows_which_families_learned_the_null_label():
+    from analysis import null_label_trained
+
+    assert null_label_trained(PRESETS["sit-tiny"][1])  # model.class_dropout_prob 0.1
+    assert null_label_trained(PRESETS["unet-tiny"][1])  # unconditional: no label is ever seen
+    mf = PRESETS["meanflow-tiny"][1]  # model.class_dropout_prob 0; MeanFlow drops labels itself
+    assert mf.model.class_dropout_prob == 0.0 and null_label_trained(mf)
+    no_drop = dataclasses.replace(mf.meanflow, class_dropout_prob=0.0)
+    assert not null_label_trained(dataclasses.replace(mf, meanflow=no_drop))
