@@ -27,11 +27,11 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 import jax.tree_util as jtu
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray, PyTree, Real
 
-from .config import ConfigError, DiffusionForm, LastStep, SamplerConfig
+from .config import ConfigError, DiffusionForm, LastStep, SamplerConfig, TimeGrid
 from .transport import AbstractPath, GVPPath, LinearPath, Transport
 
 VelocityFn = Callable[[Any, Float[Array, ""]], Any]
@@ -86,7 +86,7 @@ def edm_time_grid(steps: int) -> Float[np.ndarray, " steps"]:
 
 
 def _grid(
-    t0: float, t1: float, steps: int, kind: Literal["uniform", "edm"] = "uniform"
+    t0: float, t1: float, steps: int, kind: TimeGrid = "uniform"
 ) -> Float[Array, " steps"]:
     if steps < 2:
         raise ConfigError(f"steps={steps!r} is not allowed: expected an int >= 2 (grid points)")
@@ -131,7 +131,7 @@ def solve_ode(
     atol: float = 1e-6,
     rtol: float = 1e-3,
     max_steps: int = 4096,
-    grid: Literal["uniform", "edm"] = "uniform",
+    grid: TimeGrid = "uniform",
 ) -> tuple[PyTree[Float[Array, "..."]], OdeStats]:
     """Like :func:`integrate_ode`, and also returns what the solve cost as an :class:`OdeStats`."""
     _check_ode_args(method, t0, t1)
@@ -186,7 +186,7 @@ def integrate_ode(
     atol: float = 1e-6,
     rtol: float = 1e-3,
     max_steps: int = 4096,
-    grid: Literal["uniform", "edm"] = "uniform",
+    grid: TimeGrid = "uniform",
 ) -> PyTree[Float[Array, "..."]]:
     """Integrate ``dx/dt = v(x, t)`` from ``t0`` to ``t1`` and return ``x(t1)``.
 

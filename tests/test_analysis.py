@@ -245,6 +245,12 @@ def runs(tmp_path_factory):
     return root
 
 
+def _page(path):
+    """A written page, with the trace names plotly escaped (its JSON encoder writes `·` as
+    `\\u00b7` unless orjson is installed) put back as text."""
+    return path.read_text().replace("\\u00b7", "·")
+
+
 def _argv(kind, runs, out, *extra):
     return [
         kind,
@@ -272,7 +278,7 @@ def test_cli_report_end_to_end(runs, tmp_path, capsys):
     assert main(_argv("report", runs, tmp_path)) == 0
     printed = capsys.readouterr().out.split()
     assert printed == [str(tmp_path / f"report.{ext}") for ext in ("html", "json", "csv")]
-    page = (tmp_path / "report.html").read_text()
+    page = _page(tmp_path / "report.html")
     assert not re.findall(r"<script[^>]*src=", page) and len(page) > 3e6  # plotly.js embedded
     assert page.count('class="plotly-graph-div"') >= 10  # norms, spectra, probes, dynamics
     data = json.loads((tmp_path / "report.json").read_text())
@@ -413,7 +419,7 @@ def test_probes_default_to_null_label_and_warn_without_label_dropout(runs, tmp_p
     ]
     assert main([*argv, "--out", str(tmp_path / "null")]) == 0
     data = json.loads((tmp_path / "null" / "probes.json").read_text())
-    page = (tmp_path / "null" / "probes.html").read_text()
+    page = _page(tmp_path / "null" / "probes.html")
     base, nodrop = data["runs"]
     assert data["options"]["probe_labels"] == "null"
     # Trained with label dropout: null-label probes, said so.
@@ -433,7 +439,7 @@ def test_probes_default_to_null_label_and_warn_without_label_dropout(runs, tmp_p
     # --probe-labels true: every run probed with its class, accuracies shown with a warning each.
     assert main([*argv, "--out", str(tmp_path / "true"), "--probe-labels", "true"]) == 0
     data = json.loads((tmp_path / "true" / "probes.json").read_text())
-    page = (tmp_path / "true" / "probes.html").read_text()
+    page = _page(tmp_path / "true" / "probes.html")
     for r in data["runs"]:
         assert r["probe_labels"] == "true" and r["probe_meaningful"] is False
         assert r["probe_note"] == PROBE_NOTES["true"]
