@@ -70,8 +70,9 @@ PROBE_NOTES: dict[str, str] = {
     ),
     "untrained": (
         "not meaningful: the run was trained with model.class_dropout_prob=0 (MF models: "
-        "meanflow.class_dropout_prob=0), so its null label was never trained, and with the true label the blocks carry the class from the "
-        "conditioning (accuracies near 1.0); no probe was run (--probe-labels true forces one)"
+        "meanflow.class_dropout_prob=0), so its null label was never trained, and with the true "
+        "label the blocks carry the class from the conditioning (accuracies near 1.0); no probe "
+        "was run (--probe-labels true forces one)"
     ),
 }
 """`RunMetrics.probe_note` for each case: null-label probes, true-label probes, and null-label

@@ -199,6 +199,16 @@ class ModelConfig:
             "'auto', 'einsum' or 'xla' with dtype float32 (cuDNN flash attention needs bfloat16)",
         )
         _check_choice("model.time_convention", self.time_convention, get_args(TimeConvention))
+        unet = _UNET_RE.match(str(self.name))
+        if unet is not None:  # every level below the first halves the resolution
+            halvings = len(UNET_SIZES[unet.group(1)]["channel_mult"]) - 1
+            _check(
+                self.input_size % 2**halvings == 0,
+                "model.input_size",
+                self.input_size,
+                f"a multiple of {2**halvings} for {self.name} (it halves the resolution "
+                f"{halvings} times)",
+            )
         _check(
             self.time_convention == "sit" or not str(self.name).startswith("DiT-"),
             "model.time_convention",
@@ -780,14 +790,6 @@ class ExperimentConfig:
             "model.time_convention",
             model.time_convention,
             "'sit' for UNet models",
-        )
-        factor = 2 ** (len(UNET_SIZES[model.name.removeprefix("UNet-")]["channel_mult"]) - 1)
-        _check(
-            model.input_size % factor == 0,
-            "model.input_size",
-            model.input_size,
-            f"a multiple of {factor} for {model.name} (it halves the resolution "
-            f"{factor.bit_length() - 1} times)",
         )
 
 

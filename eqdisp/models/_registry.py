@@ -8,7 +8,7 @@ import jax
 from jaxtyping import PRNGKeyArray
 
 from .._cpu import cpu_info
-from ..config import UNET_SIZES, ConfigError, ModelConfig, parse_model_name
+from ..config import UNET_SIZES, ModelConfig, parse_model_name
 from ._base import AbstractDiffusionModel
 from ._transformer import DiffusionTransformer
 from ._unet import UNet
@@ -125,13 +125,8 @@ def make_model(
 
 
 def _make_unet(config: ModelConfig, *, key: PRNGKeyArray) -> UNet:
+    # ModelConfig has checked that the input size halves as often as the levels need.
     size = UNET_SIZES[config.name.removeprefix("UNet-")]
-    factor = 2 ** (len(size["channel_mult"]) - 1)
-    if config.input_size % factor:
-        raise ConfigError(
-            f"model.input_size={config.input_size} is not allowed: expected a multiple of "
-            f"{factor} for {config.name}"
-        )
     return UNet(
         in_channels=config.in_channels,
         out_channels=config.in_channels,
