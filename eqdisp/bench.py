@@ -197,7 +197,9 @@ def bench_step(
     program = _compile(step, state, x, y)
     memory = program.memory
     _timed(program.run, warmup)
+    before = resource.getrusage(resource.RUSAGE_SELF)
     times = _timed(program.run, steps)
+    after = resource.getrusage(resource.RUSAGE_SELF)
     step_s = statistics.median(times)
     flops_xla = float(program.cost.get("flops", 0.0)) / batch if program.cost else float("nan")
     flops_analytic = analytic_flops_per_image(name)
@@ -226,6 +228,10 @@ def bench_step(
         "achieved_gflop_s": round(achieved, 1),
         "matmul_peak_gflop_s": round(peak, 1),
         "mfu": round(achieved / peak, 3),
+        # The kernel's share: XLA:CPU allocates a step's temporaries afresh, and with glibc's
+        # malloc every large one is a new mapping whose pages the kernel faults in and zeroes.
+        "system_s_per_step": round((after.ru_stime - before.ru_stime) / steps, 3),
+        "page_faults_per_step": round((after.ru_minflt - before.ru_minflt) / steps),
         "memory_gib": {
             "arguments": round(memory.argument_size_in_bytes / gib, 3),
             "outputs": round(memory.output_size_in_bytes / gib, 3),

@@ -1,5 +1,7 @@
 """Benchmarks print figures; here we only check the FLOP count and that the commands run."""
 
+import os
+
 import pytest
 
 
@@ -20,6 +22,9 @@ def test_bench_step_and_disp_report_figures(tmp_path, capsys):
         ["step", "SiT-T/4", "--batch", "16", "--steps", "1", "--json", str(tmp_path / "s.json")]
     )
     assert figures["images_per_s"] > 0 and 0 < figures["mfu"] < 2
+    # The kernel's time cannot exceed the step's on the cores the process has.
+    assert 0 <= figures["system_s_per_step"] <= figures["step_s_max"] * os.cpu_count()
+    assert figures["page_faults_per_step"] >= 0
     assert json.loads((tmp_path / "s.json").read_text()) == figures
     # By default a readable summary, not JSON: the CPU first, then `key: value unit` lines.
     lines = capsys.readouterr().out.splitlines()

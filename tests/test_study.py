@@ -58,6 +58,13 @@ def test_arms_are_cli_train_options_checked_before_anything_runs(tmp_path):
     assert [c.model.name for c in families] == ["SiT-T/2"] * 2 + ["UNet-T"] * 2 + ["MF-T/2"] * 2
     assert [c.disp.active for c in families] == [False, True] * 3
     assert families[3].sampler.time_grid == "edm" and families[3].optim.decay_steps == 1500
+    # sit-tiny's dtype auto would depend on the CPU; a study computes in float32 unless an arm
+    # chooses otherwise.
+    precision = STUDIES["precision"]
+    assert [precision.config(a, 0, tmp_path).model.dtype for a in precision.arms] == (
+        ["float32"] * 2 + ["bfloat16"] * 2
+    )
+    assert all(c.model.dtype == "float32" for c in families)
     with pytest.raises(AnalysisError, match=r"arm 'x': preset='nope' is not allowed: expected one of"):
         Arm("x", (), "nope")
     from cli.study import StudyArgs

@@ -40,7 +40,8 @@ class Protocol:
     results file)."""
 
     preset: str = "sit-tiny"
-    """The `cli.train` preset every arm starts from (sit-tiny: SiT-T/2 on the bundled digits)."""
+    """The `cli.train` preset every arm starts from (sit-tiny: SiT-T/2 on the bundled digits),
+    in float32 unless an arm's flags choose another dtype."""
     steps: int = 1500
     """Training steps of every arm; a cosine learning-rate schedule is set to end at the last
     step (``optim.decay_steps = steps``), so a shorter budget still anneals."""
@@ -100,6 +101,9 @@ def arm_config(protocol: Protocol, arm: Arm, seed: int, out: pathlib.Path) -> Ex
     preset = protocol.preset if arm.preset is None else arm.preset
     flags = [
         preset,
+        # float32 unless an arm says otherwise, so that results do not depend on the CPU's
+        # matrix units (sit-tiny's dtype auto would pick bfloat16 on some CPUs only).
+        "--model.dtype", "float32",
         *arm.flags,
         "--train.seed", str(seed),
         "--train.steps", str(protocol.steps),

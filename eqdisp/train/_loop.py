@@ -26,11 +26,11 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import PyTree
 
-from ..config import ConfigError, ExperimentConfig
+from ..config import ConfigError, ExperimentConfig, ModelConfig
 from ..data import make_dataset
 from ..images import save_grid
 from ..latents import latent_decoder, run_vae
-from ..models import make_model
+from ..models import make_model, resolve_dtype
 from ..families import make_objective
 from ..sharding import global_batch, initialize_distributed, make_mesh, shard_state
 from ._checkpoint import Checkpointer, CheckpointError, _one_line, config_to_dict, load_checkpoint
@@ -388,6 +388,11 @@ def _write_samples(
     return len(images)
 
 
+def _describe_dtype(model: ModelConfig) -> str:
+    dtype = resolve_dtype(model)
+    return f"{dtype} (dtype auto)" if model.dtype == "auto" else dtype
+
+
 def _describe_devices() -> str:
     devices = jax.devices()
     backend = jax.default_backend()
@@ -496,7 +501,7 @@ def train(cfg: ExperimentConfig) -> dict:
         if main_process:
             print(
                 f"compiling the train step of {cfg.model.name} ({params / 1e6:.2f}M parameters, "
-                f"batch {run.batch_size}) for {_describe_devices()}",
+                f"batch {run.batch_size}, {_describe_dtype(cfg.model)}) for {_describe_devices()}",
                 flush=True,
             )
         tick = time.perf_counter()
