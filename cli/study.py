@@ -45,6 +45,9 @@ class StudyArgs:
     other on a 2-core Xeon). A run's core count is part of its identity (see `run_study`)."""
     dry_run: bool = False
     """Print the plan and its estimated time; train nothing."""
+    interim: bool = False
+    """Train nothing: summarise the seeds that every arm has finished so far (while the study
+    runs in another process, say) into ``interim.md``, ``interim.html`` and ``interim.json``."""
 
 
 def _commit() -> str:
@@ -78,7 +81,6 @@ def _main(argv: list[str] | None) -> dict:
         summarize,
         write_results,
     )
-    from eqdisp.bench import cpu_info
 
     study = STUDIES[args.study]
     budget = {k: getattr(args, k) for k in ("steps", "seeds", "samples", "sampler_steps") if getattr(args, k) is not None}
@@ -98,21 +100,55 @@ def _main(argv: list[str] | None) -> dict:
         seconds = estimate_seconds(study, out, jobs=jobs)
         print(f"estimated time of the runs to do: {seconds / 3600:.1f} h ({seconds:.0f} s)")
         return {"runs": len(units), "to_do": left, "estimated_seconds": seconds}
+    if args.interim:
+        return _interim(study, out, units, jobs)
     tick = time.perf_counter()
     results = run_study(study, out, jobs=jobs)
     real = real_digits_fid(out, study.protocol)
     summary = summarize(study, results, real=real)
-    cpu = cpu_info()
     machine = (
-        f"Commit: `{_commit()}`; machine: {cpu.get('model')} ({', '.join(cpu.get('isa', []))}), "
-        f"{cpu.get('cores')} cores, {platform.system()}; {jobs} run(s) at a time on "
-        f"{cores_per_run(jobs)} core(s) each; wall time of this invocation: "
+        f"{_machine(jobs)}; wall time of this invocation: "
         f"{(time.perf_counter() - tick) / 60:.1f} min; sum of run times: "
         f"{sum(r['seconds'] for r in results) / 3600:.2f} h."
     )
     command = f"Command: `python -m cli.study {shlex.join(sys.argv[1:] if argv is None else argv)}`"
     header = [command, machine]
     files = write_results(study, out, summary, results, header=header)
+    print("\n".join(str(f) for f in files))
+    return summary
+
+
+def _machine(jobs: int) -> str:
+    from analysis.study import cores_per_run
+    from eqdisp.bench import cpu_info
+
+    cpu = cpu_info()
+    return (
+        f"Commit: `{_commit()}`; machine: {cpu.get('model')} ({', '.join(cpu.get('isa', []))}), "
+        f"{cpu.get('cores')} cores, {platform.system()}; {jobs} run(s) at a time on "
+        f"{cores_per_run(jobs)} core(s) each"
+    )
+
+
+def _interim(study, out: pathlib.Path, units: list, jobs: int) -> dict:
+    """The summary of the seeds every arm has finished (pairs are only complete within a seed)."""
+    from analysis import AnalysisError
+    from analysis.study import real_digits_fid, summarize, write_results
+
+    unfinished = {seed for seed, _, result in units if result is None}
+    seeds = sorted({seed for seed, _, _ in units} - unfinished)
+    if not seeds:
+        raise AnalysisError(f"{out}: no seed has finished in every arm yet: nothing to summarise")
+    results = [result for seed, _, result in units if seed in seeds]
+    done = sum(result is not None for *_, result in units)
+    header = [
+        f"**Interim**: seeds {', '.join(map(str, seeds))} ({len(seeds)} of "
+        f"{study.protocol.seeds}) finished in every arm; {done} of {len(units)} runs done.",
+        f"Runs made on the commit and machine of the study; summarised on {_machine(jobs)}; "
+        f"sum of run times so far: {sum(r['seconds'] for r in results) / 3600:.2f} h.",
+    ]
+    summary = summarize(study, results, real=real_digits_fid(out, study.protocol))
+    files = write_results(study, out, summary, results, header=header, name="interim")
     print("\n".join(str(f) for f in files))
     return summary
 

@@ -182,3 +182,34 @@ def test_runs_in_parallel_processes_pair_resume_and_die_with_the_study(tmp_path)
     assert all(r is not None for *_, r in plan(study, out, jobs=2))
     if cores_per_run(1) != share:
         assert all(r is None for *_, r in plan(study, out, jobs=1))
+
+
+def test_interim_summarises_only_the_seeds_every_arm_finished(tmp_path):
+    from analysis.study import STUDIES, cores_per_run
+    from analysis.study._run import RESULT, _identity
+    from cli.study import main
+
+    study = STUDIES["table2"]
+    with pytest.raises(SystemExit, match="no seed has finished in every arm yet"):
+        main(["table2", "--out", str(tmp_path), "--interim", "--jobs", "1"])
+    fids = {}
+    for seed, arms in ((0, study.arms), (1, study.arms), (2, study.arms[:3])):  # seed 2 unfinished
+        for i, arm in enumerate(arms):
+            fids[arm.name, seed] = 90.0 + i + 0.5 * seed * (arm is not study.baseline)
+            run_dir = study.run_dir(tmp_path, arm, seed)
+            run_dir.mkdir(parents=True)
+            (run_dir / RESULT).write_text(json.dumps({
+                "identity": _identity(study, arm, seed, cores_per_run(1)), "arm": arm.name,
+                "seed": seed, "fid": fids[arm.name, seed], "precision": 0.8, "recall": 0.9,
+                "analysis": {}, "diagnostics": {}, "seconds": 100.0,
+            }))
+    summary = main(["table2", "--out", str(tmp_path), "--interim", "--jobs", "1"])
+    rows = {row["arm"]: row for row in summary["arms"]}
+    assert all(row["seeds"] == 2 for row in rows.values())  # seed 2 left out of every arm
+    # infonce-l2 is 1 above the baseline at seed 0 and 1.5 at seed 1: mean 1.25, std 0.354,
+    # t(0.975, 1) = 12.706, half-width 12.706 * 0.354 / sqrt 2 = 3.177.
+    diff = rows["infonce-l2"]["fid_diff"]
+    assert diff["mean"] == pytest.approx(1.25) and diff["high"] - diff["mean"] == pytest.approx(3.1766, abs=1e-3)
+    page = (tmp_path / "interim.md").read_text()
+    assert "**Interim**: seeds 0, 1 (2 of 5) finished in every arm; 29 of 65 runs done." in page
+    assert not (tmp_path / "results.md").exists()  # the final results are not touched

@@ -146,9 +146,17 @@ def curves(study: Study, out: pathlib.Path, key: str = "loss_diff") -> go.Figure
     return fig
 
 
-def write_results(study: Study, out: pathlib.Path, summary: dict, results: Sequence[dict], *, header: Sequence[str] = ()) -> list[pathlib.Path]:
-    """``results.json`` (summary + every run), ``results.md`` and a self-contained ``results.html``."""
-    files = [out / "results.json", out / "results.md", out / "results.html"]
+def write_results(
+    study: Study,
+    out: pathlib.Path,
+    summary: dict,
+    results: Sequence[dict],
+    *,
+    header: Sequence[str] = (),
+    name: str = "results",
+) -> list[pathlib.Path]:
+    """``{name}.json`` (summary + every run), ``{name}.md`` and a self-contained ``{name}.html``."""
+    files = [out / f"{name}.json", out / f"{name}.md", out / f"{name}.html"]
     files[0].write_text(json.dumps({**summary, "runs": list(results)}, indent=2) + "\n")
     page = markdown(summary, header=header)
     files[1].write_text(page)
