@@ -76,10 +76,7 @@ def _main(argv: list[str] | None) -> dict:
         cores_per_run,
         estimate_seconds,
         plan,
-        real_digits_fid,
         run_study,
-        summarize,
-        write_results,
     )
 
     study = STUDIES[args.study]
@@ -104,16 +101,21 @@ def _main(argv: list[str] | None) -> dict:
         return _interim(study, out, units, jobs)
     tick = time.perf_counter()
     results = run_study(study, out, jobs=jobs)
-    real = real_digits_fid(out, study.protocol)
-    summary = summarize(study, results, real=real)
     machine = (
         f"{_machine(jobs)}; wall time of this invocation: "
         f"{(time.perf_counter() - tick) / 60:.1f} min; sum of run times: "
         f"{sum(r['seconds'] for r in results) / 3600:.2f} h."
     )
     command = f"Command: `python -m cli.study {shlex.join(sys.argv[1:] if argv is None else argv)}`"
-    header = [command, machine]
-    files = write_results(study, out, summary, results, header=header)
+    return _write(study, out, results, header=[command, machine], name="results")
+
+
+def _write(study, out: pathlib.Path, results: list[dict], *, header: list[str], name: str) -> dict:
+    """Summarise `results` (with the real digits' FID-classifier) into `name`.md/.html/.json."""
+    from analysis.study import real_digits_fid, summarize, write_results
+
+    summary = summarize(study, results, real=real_digits_fid(out, study.protocol))
+    files = write_results(study, out, summary, results, header=header, name=name)
     print("\n".join(str(f) for f in files))
     return summary
 
@@ -133,7 +135,6 @@ def _machine(jobs: int) -> str:
 def _interim(study, out: pathlib.Path, units: list, jobs: int) -> dict:
     """The summary of the seeds every arm has finished (pairs are only complete within a seed)."""
     from analysis import AnalysisError
-    from analysis.study import real_digits_fid, summarize, write_results
 
     unfinished = {seed for seed, _, result in units if result is None}
     seeds = sorted({seed for seed, _, _ in units} - unfinished)
@@ -142,15 +143,17 @@ def _interim(study, out: pathlib.Path, units: list, jobs: int) -> dict:
     results = [result for seed, _, result in units if seed in seeds]
     done = sum(result is not None for *_, result in units)
     header = [
-        f"**Interim**: seeds {', '.join(map(str, seeds))} ({len(seeds)} of "
-        f"{study.protocol.seeds}) finished in every arm; {done} of {len(units)} runs done.",
-        f"Runs made on the commit and machine of the study; summarised on {_machine(jobs)}; "
-        f"sum of run times so far: {sum(r['seconds'] for r in results) / 3600:.2f} h.",
+        (
+            f"**Interim**: seeds {', '.join(map(str, seeds))} ({len(seeds)} of "
+            f"{study.protocol.seeds}) finished in every arm; {done} of {len(units)} runs done."
+        ),
+        (
+            f"The runs were made on the study's commit and machine; this summary on: "
+            f"{_machine(jobs)}; sum of run times so far: "
+            f"{sum(r['seconds'] for r in results) / 3600:.2f} h."
+        ),
     ]
-    summary = summarize(study, results, real=real_digits_fid(out, study.protocol))
-    files = write_results(study, out, summary, results, header=header, name="interim")
-    print("\n".join(str(f) for f in files))
-    return summary
+    return _write(study, out, results, header=header, name="interim")
 
 
 if __name__ == "__main__":
