@@ -86,7 +86,8 @@ class _OrbaxNoise:
     closes its event loop while tensorstore's operations on the other arrays are still
     completing: each then reports ``RuntimeError('Event loop is closed')`` through
     ``sys.unraisablehook``, some after the call has returned, and the futures of the failed
-    operations log "Future/Task exception was never retrieved" (asyncio, ERROR) when collected,
+    operations log "<class> exception was never retrieved" (asyncio, ERROR; the class is
+    ``Future``, ``Task`` or ``_GatheringFuture``, depending on which object is collected first),
     beside coroutines that warn that they were never awaited.
     While active, exactly those records and reports are dropped; everything else passes through.
     """
@@ -112,12 +113,10 @@ class _OrbaxNoise:
         return not (record.levelno >= logging.ERROR and from_orbax)
 
     def _lost_futures(self, record: logging.LogRecord) -> bool:
-        # asyncio appends "future: <Task ...>" and the traceback on the lines after the first.
+        # asyncio names the future's class ("Future", "Task", "_GatheringFuture", ...) before
+        # these words, and appends "future: <...>" and the traceback on the lines after the first.
         first_line = record.getMessage().partition("\n")[0]
-        return first_line not in (
-            "Future exception was never retrieved",
-            "Task exception was never retrieved",
-        )
+        return not re.fullmatch(r"\w+ exception was never retrieved", first_line)
 
     def stop(self, failed: bool) -> None:
         """Put the hooks back. After a failure, wait until the reports have gone quiet (0.5 s
