@@ -111,10 +111,21 @@ def _main(argv: list[str] | None) -> dict:
 
 
 def _write(study, out: pathlib.Path, results: list[dict], *, header: list[str], name: str) -> dict:
-    """Summarise `results` (with the real digits' FID-classifier) into `name`.md/.html/.json."""
-    from analysis.study import real_digits_fid, summarize, write_results
+    """Summarise `results` into `name`.md/.html/.json, with the real digits' FID-classifier and,
+    when the protocol's reference is another, the secondary FID-classifier against all digits."""
+    from analysis.study import (
+        SECONDARY_REFERENCE,
+        real_digits_fid,
+        summarize,
+        with_secondary_fid,
+        write_results,
+    )
 
-    summary = summarize(study, results, real=real_digits_fid(out, study.protocol))
+    real, secondary = real_digits_fid(out, study.protocol), None
+    if study.protocol.reference != SECONDARY_REFERENCE:
+        results = with_secondary_fid(study, out, results)
+        secondary = real_digits_fid(out, study.protocol, SECONDARY_REFERENCE)
+    summary = summarize(study, results, real=real, secondary=secondary)
     files = write_results(study, out, summary, results, header=header, name=name)
     print("\n".join(str(f) for f in files))
     return summary

@@ -67,6 +67,9 @@ def test_arms_are_cli_train_options_checked_before_anything_runs(tmp_path):
     assert all(c.model.dtype == "float32" for c in families)
     with pytest.raises(AnalysisError, match=r"arm 'x': preset='nope' is not allowed: expected one of"):
         Arm("x", (), "nope")
+    assert table2.arm("hinge") is table2.arms[3]
+    with pytest.raises(AnalysisError, match=r"arm 'hinj' is not in study 'table2': expected one of baseline, "):
+        table2.arm("hinj")
     from cli.study import StudyArgs
 
     choices = typing.get_args(typing.get_args(StudyArgs.__annotations__["study"])[0])
@@ -192,11 +195,14 @@ def test_interim_summarises_only_the_seeds_every_arm_finished(tmp_path):
     study = STUDIES["table2"]
     with pytest.raises(SystemExit, match="no seed has finished in every arm yet"):
         main(["table2", "--out", str(tmp_path), "--interim", "--jobs", "1"])
+    digits = _digits_uint8(60)
     for seed, arms in ((0, study.arms), (1, study.arms), (2, study.arms[:3])):  # seed 2 unfinished
         for i, arm in enumerate(arms):
             fid = 90.0 + i + 0.5 * seed * (arm is not study.baseline)
             run_dir = study.run_dir(tmp_path, arm, seed)
             run_dir.mkdir(parents=True)
+            # Samples: 50 real digits, a different slice per arm and seed, for the secondary FID.
+            _write_samples(run_dir / "samples.npz", digits[(i + seed) % 10 :][:50])
             (run_dir / RESULT).write_text(json.dumps({
                 "identity": _identity(study, arm, seed, cores_per_run(1)), "arm": arm.name,
                 "seed": seed, "fid": fid, "precision": 0.8, "recall": 0.9,
@@ -212,3 +218,52 @@ def test_interim_summarises_only_the_seeds_every_arm_finished(tmp_path):
     page = (tmp_path / "interim.md").read_text()
     assert "**Interim**: seeds 0, 1 (2 of 5) finished in every arm; 29 of 65 runs done." in page
     assert not (tmp_path / "results.md").exists()  # the final results are not touched
+
+    # The secondary FID-classifier (against all digits) is that of each run's own samples.
+    from eqdisp.eval import evaluate
+
+    assert "## Secondary: FID-classifier against `digits`" in page
+    # The classifier is surer of its own training digits than of the held-out reference, so the
+    # real digits' line is said to be no floor.
+    real = summary["real_digits"]
+    assert real["confidence_real"] > real["confidence_reference"] and "this line is no floor" in page
+    baseline_runs = [study.run_dir(tmp_path, study.baseline, seed) / "samples.npz" for seed in (0, 1)]
+    expected = [evaluate(f, "digits", features="classifier")["fid"] for f in baseline_runs]
+    assert rows["baseline"]["fid2_mean"] == pytest.approx(sum(expected) / 2, rel=1e-9)
+    assert summary["secondary"]["reference"] == "digits"
+
+
+def _digits_uint8(count: int):
+    from eqdisp.data import load_digits
+    from eqdisp.images import to_uint8
+
+    return to_uint8(load_digits()[0][:count])
+
+
+def _write_samples(path: pathlib.Path, images) -> None:
+    from eqdisp.eval import write_npz
+
+    write_npz(path, {"arr_0": images})
+
+
+def test_the_secondary_fid_is_computed_once_and_again_when_the_samples_change(tmp_path):
+    from analysis.study import STUDIES, with_secondary_fid
+    from eqdisp.eval import evaluate
+
+    study = STUDIES["table2"]
+    arm = study.arms[1]
+    samples = study.run_dir(tmp_path, arm, 3) / "samples.npz"
+    samples.parent.mkdir(parents=True)
+    digits = _digits_uint8(120)
+    _write_samples(samples, digits[:60])
+    result = {"arm": arm.name, "seed": 3, "fid": 1.0}
+    first = with_secondary_fid(study, tmp_path, [result])[0]
+    assert first == {**result, "fid_secondary": evaluate(samples, "digits", features="classifier")["fid"]}
+    cache = samples.parent / "fid-digits.json"
+    stamp = cache.stat().st_mtime_ns
+    assert with_secondary_fid(study, tmp_path, [result]) == [first] and cache.stat().st_mtime_ns == stamp
+
+    _write_samples(samples, digits[60:])  # resampled: the cached number no longer holds
+    again = with_secondary_fid(study, tmp_path, [result])[0]
+    assert again["fid_secondary"] == evaluate(samples, "digits", features="classifier")["fid"]
+    assert again["fid_secondary"] != first["fid_secondary"]

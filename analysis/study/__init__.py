@@ -2,7 +2,7 @@
 
 - `Study`, `Arm`, `Protocol` and the built-in `STUDIES` (the paper's Tables 2-4, its two recipes,
   Fig. 4's models, the three model families, bfloat16 against float32) — `_plan`.
-- `run_study` (resumable, seed by seed, one or several runs at a time), `cores_per_run`, `plan`, `estimate_seconds`, `real_digits_fid` — `_run`.
+- `run_study` (resumable, seed by seed, one or several runs at a time), `cores_per_run`, `plan`, `estimate_seconds`, `real_digits_fid`, `with_secondary_fid` — `_run`.
 - `summarize`, `markdown`, `write_results` — `_report`; `paired_interval`, `t_quantile` — `_stats`.
 
 Within a seed every arm shares the initial weights, the data order and every noise, time and
@@ -12,16 +12,19 @@ label-dropout draw (all derive from ``train.seed`` alone), so only the regularis
 from ._plan import STUDIES, Arm, Protocol, Study, arm_config
 from ._report import markdown, summarize, write_results
 from ._run import (
+    SECONDARY_REFERENCE,
     cores_per_run,
     estimate_seconds,
     plan,
     read_result,
     real_digits_fid,
     run_study,
+    with_secondary_fid,
 )
 from ._stats import Paired, mean_std, paired_interval, t_cdf, t_quantile
 
 __all__ = [
+    "SECONDARY_REFERENCE",
     "STUDIES",
     "Arm",
     "Paired",
@@ -40,5 +43,6 @@ __all__ = [
     "summarize",
     "t_cdf",
     "t_quantile",
+    "with_secondary_fid",
     "write_results",
 ]

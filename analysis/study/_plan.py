@@ -86,6 +86,16 @@ class Study:
     def baseline(self) -> Arm:
         return self.arms[0]
 
+    def arm(self, name: str) -> Arm:
+        """The arm called `name`."""
+        for arm in self.arms:
+            if arm.name == name:
+                return arm
+        raise AnalysisError(
+            f"arm {name!r} is not in study {self.name!r}: expected one of "
+            + ", ".join(a.name for a in self.arms)
+        )
+
     def run_dir(self, out: pathlib.Path, arm: Arm, seed: int) -> pathlib.Path:
         return out / arm.name / f"seed-{seed}"
 

@@ -14,6 +14,7 @@ import os
 import pathlib
 import sys
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -155,23 +156,70 @@ def _depth(cfg) -> int:
     return parse_model_name(cfg.model.name).depth
 
 
-def real_digits_fid(out: pathlib.Path, protocol: Protocol) -> dict:
-    """FID-classifier of real digits the classifier trained on (never in the held-out reference),
-    as many as the arms sample (at most 1,500), against the protocol's reference: what a perfect
-    generator scores at this sample count."""
+SECONDARY_REFERENCE = "digits"
+"""The reference of the secondary FID-classifier: all 1,797 digits, the data every arm trains on
+(as ImageNet FIDs are taken against training images). Chosen after interim results showed the
+pre-registered held-out reference to be dominated by its own noise (see `real_digits_fid`), so it
+is reported beside the primary number, never instead of it."""
+
+
+def with_secondary_fid(
+    study: Study, out: pathlib.Path, results: Sequence[dict], reference: str = SECONDARY_REFERENCE
+) -> list[dict]:
+    """`results`, each with ``fid_secondary``: the FID-classifier of its run's samples against
+    `reference`, computed from ``samples.npz`` after the fact. Cached in the run's directory as
+    ``fid-<reference>.json``, valid while the samples file keeps its size and modification time."""
+    from eqdisp.eval import evaluate
+
+    out = pathlib.Path(out)
+    augmented = []
+    for result in results:
+        run_dir = study.run_dir(out, study.arm(result["arm"]), result["seed"])
+        samples = run_dir / "samples.npz"
+        stat = samples.stat()
+        stamp = {"reference": reference, "samples_bytes": stat.st_size, "samples_mtime_ns": stat.st_mtime_ns}
+        cache = run_dir / f"fid-{reference}.json"
+        cached = json.loads(cache.read_text()) if cache.is_file() else {}
+        if cached.get("stamp") != stamp:
+            cached = {"stamp": stamp, "fid": evaluate(samples, reference, features="classifier")["fid"]}
+            _write_json(cache, cached)
+        augmented.append({**result, "fid_secondary": cached["fid"]})
+    return augmented
+
+
+def real_digits_fid(out: pathlib.Path, protocol: Protocol, reference: str | None = None) -> dict:
+    """FID-classifier of real digits the classifier trained on, as many as the arms sample (at most
+    1,500), against `reference` (default: the protocol's), with the classifier's mean confidence
+    (largest class probability) on those digits and on the reference.
+
+    Against the held-out digits this is *no* floor: the classifier is surer of the digits it
+    trained on than of unseen ones, so its features of them lie off the held-out distribution and
+    they score worse than a model's samples do. Against all digits (which contain them) it is what
+    reproducing the training data scores.
+    """
     from eqdisp.data import load_digits
-    from eqdisp.eval import evaluate, write_npz
-    from eqdisp.eval._classifier import DIGITS_TRAIN_SIZE
+    from eqdisp.eval import DIGITS_TRAIN_SIZE, digits_feature_extractor, evaluate, write_npz
     from eqdisp.images import to_uint8
 
+    reference = protocol.reference if reference is None else reference
     file = out / "real-digits.npz"
     count = min(protocol.samples, DIGITS_TRAIN_SIZE)
+    images, labels = load_digits()
+    chosen = np.random.default_rng(0).permutation(DIGITS_TRAIN_SIZE)[:count]
     if not file.is_file():
-        images, labels = load_digits()
-        chosen = np.random.default_rng(0).permutation(DIGITS_TRAIN_SIZE)[:count]
         write_npz(file, {"arr_0": to_uint8(images[chosen]), "labels": labels[chosen].astype(np.int32)})
-    result = evaluate(file, protocol.reference, features="classifier")
-    return {"count": count, "fid": result["fid"], "precision": result.get("precision"), "recall": result.get("recall")}
+    result = evaluate(file, reference, features="classifier")
+
+    def confidence(batch: np.ndarray) -> float:
+        return float(digits_feature_extractor()(to_uint8(batch)).probs.max(axis=1).mean())
+
+    in_reference = {"digits": images, "digits-test": images[DIGITS_TRAIN_SIZE:]}.get(reference)
+    return {
+        "count": count, "reference": reference, "fid": result["fid"],
+        "precision": result.get("precision"), "recall": result.get("recall"),
+        "confidence_real": confidence(images[chosen]),
+        "confidence_reference": None if in_reference is None else confidence(in_reference),
+    }
 
 
 def _duration(seconds: float) -> str:
