@@ -206,7 +206,8 @@ def test_interim_summarises_only_the_seeds_every_arm_finished(tmp_path):
             (run_dir / RESULT).write_text(json.dumps({
                 "identity": _identity(study, arm, seed, cores_per_run(1)), "arm": arm.name,
                 "seed": seed, "fid": fid, "precision": 0.8, "recall": 0.9,
-                "analysis": {}, "diagnostics": {}, "seconds": 100.0,
+                "analysis": {}, "seconds": 100.0,
+                "diagnostics": {"disp_gap/b1": 0.01 * (seed + 1), "grad_norm_diff/b1": 0.2},
             }))
     summary = main(["table2", "--out", str(tmp_path), "--interim", "--jobs", "1"])
     rows = {row["arm"]: row for row in summary["arms"]}
@@ -218,6 +219,7 @@ def test_interim_summarises_only_the_seeds_every_arm_finished(tmp_path):
     page = (tmp_path / "interim.md").read_text()
     assert "**Interim**: seeds 0, 1 (2 of 5) finished in every arm; 29 of 65 runs done." in page
     assert not (tmp_path / "results.md").exists()  # the final results are not touched
+    assert "| baseline | 1 | 0.0150 |  | 0.2000 |  |" in page  # diagnostics: mean of seeds 0, 1
 
     # The secondary FID-classifier (against all digits) is that of each run's own samples.
     from eqdisp.eval import evaluate

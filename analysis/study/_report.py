@@ -178,7 +178,43 @@ def markdown(summary: dict, *, header: Sequence[str] = ()) -> str:
                 f"{_delta(row, 'fid2')} | {_relative(row, 'fid2')} |"
             )
     lines += ["", "`*`: the interval excludes 0. Lower FID is better."]
+    lines += _diagnostics_table(summary)
     return "\n".join(lines) + "\n"
+
+
+_DIAGNOSTIC_COLUMNS = (
+    ("disp_gap", "loss above its floor", 4),
+    ("grad_norm_disp", "‖g_disp‖ (λ-weighted)", 4),
+    ("grad_norm_diff", "‖g_diff‖", 4),
+    ("grad_cos", "cos(g_disp, g_diff)", 3),
+)
+
+
+def _diagnostics_table(summary: dict) -> list[str]:
+    """One row per arm and regularised block: the training diagnostics (mean over the last tenth
+    of each run, then over seeds) on the parameters that block shares with the diffusion loss."""
+    rows = []
+    for row in summary["arms"]:
+        blocks = sorted({k.split("/")[1] for k in row if k.startswith("grad_norm_diff/")}, key=lambda b: int(b[1:]))
+        for block in blocks:
+            cells = [_fmt(row.get(f"{key}/{block}"), digits) for key, _, digits in _DIAGNOSTIC_COLUMNS]
+            rows.append(f"| {row['arm']} | {block[1:]} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return [
+        "",
+        "## Training diagnostics",
+        "",
+        "At the regularised block (a baseline: the paper's InfoNCE-L2 at its default block, "
+        "measured, not trained), from `metrics.jsonl`: the mean over the last tenth of each run, "
+        "then over seeds. The gradients are those each loss sends into the parameters the block "
+        "shares with the diffusion loss. The floor of InfoNCE is −log(group); the contrastive "
+        "variants have none they settle at, so no gap.",
+        "",
+        "| arm | block | " + " | ".join(title for _, title, _ in _DIAGNOSTIC_COLUMNS) + " |",
+        "|---|---|" + "---|" * len(_DIAGNOSTIC_COLUMNS),
+        *rows,
+    ]
 
 
 def figure(study: Study, results: Sequence[dict], key: str = "fid", title: str = "FID-classifier") -> go.Figure:
@@ -200,23 +236,35 @@ def figure(study: Study, results: Sequence[dict], key: str = "fid", title: str =
 
 
 def curves(study: Study, out: pathlib.Path, key: str = "loss_diff") -> go.Figure:
-    """`key` from each run's metrics.jsonl over steps, averaged over seeds per arm."""
+    """`key` from each run's metrics.jsonl over its logged steps, averaged over seeds per arm
+    (a moving average when there are many rows). A key ending in ``/*`` (``disp_gap/*``) takes
+    each arm's first regularised block."""
     fig = go.Figure()
     for arm in study.arms:
-        series = []
+        series, steps = [], None
         for seed in range(study.protocol.seeds):
             file = study.run_dir(out, arm, seed) / "metrics.jsonl"
             if file.is_file():
                 rows = [json.loads(l) for l in file.read_text().splitlines()]
-                series.append([r.get(key, math.nan) for r in rows])
+                name = _first_key(rows, key)
+                if name is not None:
+                    series.append([r.get(name, math.nan) for r in rows])
+                    steps = [r.get("step", i + 1) for i, r in enumerate(rows)]
         if series:
             n = min(len(s) for s in series)
             mean = np.nanmean(np.array([s[:n] for s in series], dtype=float), axis=0)
             window = max(1, n // 50)
             smooth = np.convolve(mean, np.ones(window) / window, mode="valid")
-            fig.add_trace(go.Scatter(x=np.arange(window, n + 1), y=smooth, mode="lines", name=arm.name))
+            fig.add_trace(go.Scatter(x=steps[window - 1 : n], y=smooth, mode="lines", name=arm.name))
     fig.update_layout(title=f"{key} over training (mean over seeds, moving average)", xaxis_title="step", yaxis_title=key)
     return fig
+
+
+def _first_key(rows: list[dict], key: str) -> str | None:
+    if not key.endswith("/*"):
+        return key
+    names = sorted({k for r in rows for k in r if k.startswith(key[:-1])}, key=lambda k: int(k.rsplit("/b", 1)[1]))
+    return names[0] if names else None
 
 
 def write_results(
@@ -238,7 +286,7 @@ def write_results(
     if summary.get("secondary"):
         reference = summary["secondary"]["reference"]
         figures.append(figure(study, results, "fid_secondary", f"FID-classifier vs {reference}"))
-    figures += [curves(study, out, "loss_diff"), curves(study, out, "loss_disp")]
+    figures += [curves(study, out, key) for key in ("loss_diff", "loss_disp", "disp_gap/*", "grad_norm_disp/*", "grad_cos/*")]
     for i, fig in enumerate(figures):
         body.append(fig.to_html(full_html=False, include_plotlyjs=i == 0))
     files[2].write_text(f"<html><head><meta charset='utf-8'><title>{study.name}</title></head><body>{''.join(body)}</body></html>")
