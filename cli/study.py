@@ -14,7 +14,6 @@ import platform
 import shlex
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -99,15 +98,20 @@ def _main(argv: list[str] | None) -> dict:
         return {"runs": len(units), "to_do": left, "estimated_seconds": seconds}
     if args.interim:
         return _interim(study, out, units, jobs)
-    tick = time.perf_counter()
     results = run_study(study, out, jobs=jobs)
-    machine = (
-        f"{_machine(jobs)}; wall time of this invocation: "
-        f"{(time.perf_counter() - tick) / 60:.1f} min; sum of run times: "
-        f"{sum(r['seconds'] for r in results) / 3600:.2f} h."
-    )
     command = f"Command: `python -m cli.study {shlex.join(sys.argv[1:] if argv is None else argv)}`"
-    return _write(study, out, results, header=[command, machine], name="results")
+    return _write(study, out, results, header=[command, f"{_machine(jobs)}.", _times(study, out, results)], name="results")
+
+
+def _times(study, out: pathlib.Path, results: list[dict]) -> str:
+    from analysis.study import wall_time
+
+    times = wall_time(study, out, results)
+    return (
+        f"Wall time: {times['busy'] / 3600:.2f} h with a run in progress (from the runs' result "
+        f"files; pauses between invocations excluded), between {times['first']} and "
+        f"{times['last']}; sum of the runs' times: {times['runs'] / 3600:.2f} h."
+    )
 
 
 def _write(study, out: pathlib.Path, results: list[dict], *, header: list[str], name: str) -> dict:
@@ -158,11 +162,8 @@ def _interim(study, out: pathlib.Path, units: list, jobs: int) -> dict:
             f"**Interim**: seeds {', '.join(map(str, seeds))} ({len(seeds)} of "
             f"{study.protocol.seeds}) finished in every arm; {done} of {len(units)} runs done."
         ),
-        (
-            f"The runs were made on the study's commit and machine; this summary on: "
-            f"{_machine(jobs)}; sum of run times so far: "
-            f"{sum(r['seconds'] for r in results) / 3600:.2f} h."
-        ),
+        f"The runs were made on the study's commit and machine; this summary on: {_machine(jobs)}.",
+        _times(study, out, results),
     ]
     return _write(study, out, results, header=header, name="interim")
 

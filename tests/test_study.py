@@ -269,3 +269,21 @@ def test_the_secondary_fid_is_computed_once_and_again_when_the_samples_change(tm
     again = with_secondary_fid(study, tmp_path, [result])[0]
     assert again["fid_secondary"] == evaluate(samples, "digits", features="classifier")["fid"]
     assert again["fid_secondary"] != first["fid_secondary"]
+
+
+def test_the_wall_time_is_the_union_of_the_runs_intervals(tmp_path):
+    """Two runs overlapping (0-100 s and 50-150 s) and one after a pause (300-400 s): busy 250 s."""
+    from analysis.study import STUDIES, wall_time
+    from analysis.study._run import RESULT
+
+    study = STUDIES["table2"]
+    results = []
+    for seed, (end, seconds) in enumerate(((100.0, 100.0), (150.0, 100.0), (400.0, 100.0))):
+        file = study.run_dir(tmp_path, study.baseline, seed) / RESULT
+        file.parent.mkdir(parents=True)
+        file.write_text("{}")
+        os.utime(file, (1e9 + end, 1e9 + end))
+        results.append({"arm": study.baseline.name, "seed": seed, "seconds": seconds})
+    times = wall_time(study, tmp_path, results)
+    assert times["busy"] == pytest.approx(250.0) and times["runs"] == pytest.approx(300.0)
+    assert (times["first"], times["last"]) == ("2001-09-09 01:46 UTC", "2001-09-09 01:53 UTC")

@@ -2,7 +2,8 @@
 
 - `Study`, `Arm`, `Protocol` and the built-in `STUDIES` (the paper's Tables 2-4, its two recipes,
   Fig. 4's models, the three model families, bfloat16 against float32) — `_plan`.
-- `run_study` (resumable, seed by seed, one or several runs at a time), `cores_per_run`, `plan`, `estimate_seconds`, `real_digits_fid`, `with_secondary_fid` — `_run`.
+- `run_study` (resumable, seed by seed, one or several runs at a time), `cores_per_run`, `plan`,
+  `estimate_seconds`, `real_digits_fid`, `with_secondary_fid`, `wall_time` — `_run`.
 - `summarize`, `markdown`, `write_results` — `_report`; `paired_interval`, `t_quantile` — `_stats`.
 
 Within a seed every arm shares the initial weights, the data order and every noise, time and
@@ -19,6 +20,7 @@ from ._run import (
     read_result,
     real_digits_fid,
     run_study,
+    wall_time,
     with_secondary_fid,
 )
 from ._stats import Paired, mean_std, paired_interval, t_cdf, t_quantile
@@ -43,6 +45,7 @@ __all__ = [
     "summarize",
     "t_cdf",
     "t_quantile",
+    "wall_time",
     "with_secondary_fid",
     "write_results",
 ]

@@ -256,7 +256,8 @@ def curves(study: Study, out: pathlib.Path, key: str = "loss_diff") -> go.Figure
             window = max(1, n // 50)
             smooth = np.convolve(mean, np.ones(window) / window, mode="valid")
             fig.add_trace(go.Scatter(x=steps[window - 1 : n], y=smooth, mode="lines", name=arm.name))
-    fig.update_layout(title=f"{key} over training (mean over seeds, moving average)", xaxis_title="step", yaxis_title=key)
+    label = f"{key[:-2]} (first regularised block)" if key.endswith("/*") else key
+    fig.update_layout(title=f"{label} over training (mean over seeds, moving average)", xaxis_title="step", yaxis_title=label)
     return fig
 
 

@@ -222,6 +222,38 @@ def real_digits_fid(out: pathlib.Path, protocol: Protocol, reference: str | None
     }
 
 
+def wall_time(study: Study, out: pathlib.Path, results: Sequence[dict]) -> dict:
+    """When the runs of `results` ran, from their result files: each run spans the ``seconds`` it
+    took up to its file's modification time. Returns ``busy`` (seconds during which at least one
+    run was in progress: the study's wall time, without the pauses between invocations),
+    ``first`` and ``last`` (UTC ISO times of the first start and the last end), and ``runs``
+    (the sum of the runs' own times). A run that was killed and resumed counts only its last
+    invocation."""
+    import datetime
+
+    spans = []
+    for result in results:
+        file = study.run_dir(pathlib.Path(out), study.arm(result["arm"]), result["seed"]) / RESULT
+        end = file.stat().st_mtime
+        spans.append((end - result["seconds"], end))
+    spans.sort()
+    busy, cursor = 0.0, -math.inf
+    for start, end in spans:
+        if end > cursor:
+            busy += end - max(start, cursor)
+            cursor = end
+
+    def utc(t: float) -> str:
+        return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+    return {
+        "busy": busy,
+        "first": utc(spans[0][0]) if spans else None,
+        "last": utc(max(e for _, e in spans)) if spans else None,
+        "runs": sum(result["seconds"] for result in results),
+    }
+
+
 def _duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
