@@ -205,11 +205,13 @@ def _diagnostics_table(summary: dict) -> list[str]:
         "",
         "## Training diagnostics",
         "",
-        "At the regularised block (a baseline: the paper's InfoNCE-L2 at its default block, "
-        "measured, not trained), from `metrics.jsonl`: the mean over the last tenth of each run, "
-        "then over seeds. The gradients are those each loss sends into the parameters the block "
-        "shares with the diffusion loss. The floor of InfoNCE is −log(group); the contrastive "
-        "variants have none they settle at, so no gap.",
+        (
+            "At the regularised block (a baseline: the paper's InfoNCE-L2 at its default block, "
+            "measured, not trained), from `metrics.jsonl`: the mean over the last tenth of each "
+            "run, then over seeds. The gradients are those each loss sends into the parameters "
+            "the block shares with the diffusion loss. The floor of InfoNCE is −log(group); the "
+            "contrastive variants have none they settle at, so no gap."
+        ),
         "",
         "| arm | block | " + " | ".join(title for _, title, _ in _DIAGNOSTIC_COLUMNS) + " |",
         "|---|---|" + "---|" * len(_DIAGNOSTIC_COLUMNS),
