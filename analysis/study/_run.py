@@ -244,7 +244,7 @@ def wall_time(study: Study, out: pathlib.Path, results: Sequence[dict]) -> dict:
             cursor = end
 
     def utc(t: float) -> str:
-        return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
     return {
         "busy": busy,
