@@ -47,6 +47,10 @@ class StudyArgs:
     interim: bool = False
     """Train nothing: summarise the seeds that every arm has finished so far (while the study
     runs in another process, say) into ``interim.md``, ``interim.html`` and ``interim.json``."""
+    publish: str | None = None
+    """Also write the summary into this directory as ``<study>.md``/``.html``/``.json`` (or
+    ``<study>-interim.*``), the pages loading one shared ``plotly.min.js`` beside them; e.g.
+    ``analysis/results``."""
 
 
 def _commit() -> str:
@@ -96,11 +100,13 @@ def _main(argv: list[str] | None) -> dict:
         seconds = estimate_seconds(study, out, jobs=jobs)
         print(f"estimated time of the runs to do: {seconds / 3600:.1f} h ({seconds:.0f} s)")
         return {"runs": len(units), "to_do": left, "estimated_seconds": seconds}
+    publish = None if args.publish is None else pathlib.Path(args.publish)
     if args.interim:
-        return _interim(study, out, units, jobs)
+        return _interim(study, out, units, jobs, publish)
     results = run_study(study, out, jobs=jobs)
     command = f"Command: `python -m cli.study {shlex.join(sys.argv[1:] if argv is None else argv)}`"
-    return _write(study, out, results, header=[command, f"{_machine(jobs)}.", _times(study, out, results)], name="results")
+    header = [command, f"{_machine(jobs)}.", _times(study, out, results)]
+    return _write(study, out, results, header=header, name="results", publish=publish)
 
 
 def _times(study, out: pathlib.Path, results: list[dict]) -> str:
@@ -114,7 +120,10 @@ def _times(study, out: pathlib.Path, results: list[dict]) -> str:
     )
 
 
-def _write(study, out: pathlib.Path, results: list[dict], *, header: list[str], name: str) -> dict:
+def _write(
+    study, out: pathlib.Path, results: list[dict], *, header: list[str], name: str,
+    publish: pathlib.Path | None,
+) -> dict:
     """Summarise `results` into `name`.md/.html/.json, with the real digits' FID-classifier and,
     when the protocol's reference is another, the secondary FID-classifier against all digits."""
     from analysis.study import (
@@ -131,6 +140,9 @@ def _write(study, out: pathlib.Path, results: list[dict], *, header: list[str], 
         secondary = real_digits_fid(out, study.protocol, SECONDARY_REFERENCE)
     summary = summarize(study, results, real=real, secondary=secondary)
     files = write_results(study, out, summary, results, header=header, name=name)
+    if publish is not None:
+        stem = study.name if name == "results" else f"{study.name}-{name}"
+        files += write_results(study, out, summary, results, header=header, name=stem, to=publish, plotly_beside=True)
     print("\n".join(str(f) for f in files))
     return summary
 
@@ -147,7 +159,7 @@ def _machine(jobs: int) -> str:
     )
 
 
-def _interim(study, out: pathlib.Path, units: list, jobs: int) -> dict:
+def _interim(study, out: pathlib.Path, units: list, jobs: int, publish: pathlib.Path | None) -> dict:
     """The summary of the seeds every arm has finished (pairs are only complete within a seed)."""
     from analysis import AnalysisError
 
@@ -165,7 +177,7 @@ def _interim(study, out: pathlib.Path, units: list, jobs: int) -> dict:
         f"The runs were made on the study's commit and machine; this summary on: {_machine(jobs)}.",
         _times(study, out, results),
     ]
-    return _write(study, out, results, header=header, name="interim")
+    return _write(study, out, results, header=header, name="interim", publish=publish)
 
 
 if __name__ == "__main__":

@@ -209,7 +209,8 @@ def test_interim_summarises_only_the_seeds_every_arm_finished(tmp_path):
                 "analysis": {}, "seconds": 100.0,
                 "diagnostics": {"disp_gap/b1": 0.01 * (seed + 1), "grad_norm_diff/b1": 0.2},
             }))
-    summary = main(["table2", "--out", str(tmp_path), "--interim", "--jobs", "1"])
+    published = tmp_path / "published"
+    summary = main(["table2", "--out", str(tmp_path), "--interim", "--jobs", "1", "--publish", str(published)])
     rows = {row["arm"]: row for row in summary["arms"]}
     assert all(row["seeds"] == 2 for row in rows.values())  # seed 2 left out of every arm
     # infonce-l2 is 1 above the baseline at seed 0 and 1.5 at seed 1: mean 1.25, std 0.354,
@@ -220,6 +221,12 @@ def test_interim_summarises_only_the_seeds_every_arm_finished(tmp_path):
     assert "**Interim**: seeds 0, 1 (2 of 5) finished in every arm; 29 of 65 runs done." in page
     assert not (tmp_path / "results.md").exists()  # the final results are not touched
     assert "| baseline | 1 | 0.0150 |  | 0.2000 |  |" in page  # diagnostics: mean of seeds 0, 1
+    # Published: the same page, and HTML that loads the one plotly.min.js beside it.
+    assert (published / "table2-interim.md").read_text() == page
+    assert json.loads((published / "table2-interim.json").read_text())["arms"] == summary["arms"]
+    web = (published / "table2-interim.html").read_text()
+    assert '<script charset="utf-8" src="plotly.min.js"></script>' in web and len(web) < 1_000_000
+    assert (published / "plotly.min.js").stat().st_size > 1_000_000
 
     # The secondary FID-classifier (against all digits) is that of each run's own samples.
     from eqdisp.eval import evaluate
