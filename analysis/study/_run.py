@@ -210,8 +210,10 @@ def real_digits_fid(out: pathlib.Path, protocol: Protocol, reference: str | None
         write_npz(file, {"arr_0": to_uint8(images[chosen]), "labels": labels[chosen].astype(np.int32)})
     result = evaluate(file, reference, features="classifier")
 
+    classifier = digits_feature_extractor()
+
     def confidence(batch: np.ndarray) -> float:
-        return float(digits_feature_extractor()(to_uint8(batch)).probs.max(axis=1).mean())
+        return float(classifier(to_uint8(batch)).probs.max(axis=1).mean())
 
     in_reference = {"digits": images, "digits-test": images[DIGITS_TRAIN_SIZE:]}.get(reference)
     return {
@@ -226,7 +228,7 @@ def wall_time(study: Study, out: pathlib.Path, results: Sequence[dict]) -> dict:
     """When the runs of `results` ran, from their result files: each run spans the ``seconds`` it
     took up to its file's modification time. Returns ``busy`` (seconds during which at least one
     run was in progress: the study's wall time, without the pauses between invocations),
-    ``first`` and ``last`` (UTC ISO times of the first start and the last end), and ``runs``
+    ``first`` and ``last`` (the UTC times of the first start and of the last end), and ``runs``
     (the sum of the runs' own times). A run that was killed and resumed counts only its last
     invocation."""
     import datetime
