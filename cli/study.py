@@ -47,6 +47,9 @@ class StudyArgs:
     interim: bool = False
     """Train nothing: summarise the seeds that every arm has finished so far (while the study
     runs in another process, say) into ``interim.md``, ``interim.html`` and ``interim.json``."""
+    probes: bool = True
+    """Give each run's linear probes of the class at the tables' block (computed once from its
+    final checkpoint and cached beside it)."""
     publish: str | None = None
     """Also write the summary into this directory as ``<study>.md``/``.html``/``.json`` (or
     ``<study>-interim.*``), the pages loading one shared ``plotly.min.js`` beside them; e.g.
@@ -102,11 +105,11 @@ def _main(argv: list[str] | None) -> dict:
         return {"runs": len(units), "to_do": left, "estimated_seconds": seconds}
     publish = None if args.publish is None else pathlib.Path(args.publish)
     if args.interim:
-        return _interim(study, out, units, jobs, publish)
+        return _interim(study, out, units, jobs, publish, args.probes)
     results = run_study(study, out, jobs=jobs)
     command = f"Command: `python -m cli.study {shlex.join(sys.argv[1:] if argv is None else argv)}`"
     header = [command, f"{_machine(jobs)}.", _times(study, out, results)]
-    return _write(study, out, results, header=header, name="results", publish=publish)
+    return _write(study, out, results, header=header, name="results", publish=publish, probes=args.probes)
 
 
 def _times(study, out: pathlib.Path, results: list[dict]) -> str:
@@ -122,7 +125,7 @@ def _times(study, out: pathlib.Path, results: list[dict]) -> str:
 
 def _write(
     study, out: pathlib.Path, results: list[dict], *, header: list[str], name: str,
-    publish: pathlib.Path | None,
+    publish: pathlib.Path | None, probes: bool,
 ) -> dict:
     """Summarise `results` into `name`.md/.html/.json, with the real digits' FID-classifier and,
     when the protocol's reference is another, the secondary FID-classifier against all digits."""
@@ -130,6 +133,7 @@ def _write(
         SECONDARY_REFERENCE,
         real_digits_fid,
         summarize,
+        with_probes,
         with_secondary_fid,
         write_results,
     )
@@ -138,6 +142,8 @@ def _write(
     if study.protocol.reference != SECONDARY_REFERENCE:
         results = with_secondary_fid(study, out, results)
         secondary = real_digits_fid(out, study.protocol, SECONDARY_REFERENCE)
+    if probes:
+        results = with_probes(study, out, results)
     summary = summarize(study, results, real=real, secondary=secondary)
     files = write_results(study, out, summary, results, header=header, name=name)
     if publish is not None:
@@ -159,7 +165,9 @@ def _machine(jobs: int) -> str:
     )
 
 
-def _interim(study, out: pathlib.Path, units: list, jobs: int, publish: pathlib.Path | None) -> dict:
+def _interim(
+    study, out: pathlib.Path, units: list, jobs: int, publish: pathlib.Path | None, probes: bool
+) -> dict:
     """The summary of the seeds every arm has finished (pairs are only complete within a seed)."""
     from analysis import AnalysisError
 
@@ -177,7 +185,7 @@ def _interim(study, out: pathlib.Path, units: list, jobs: int, publish: pathlib.
         f"The runs were made on the study's commit and machine; this summary on: {_machine(jobs)}.",
         _times(study, out, results),
     ]
-    return _write(study, out, results, header=header, name="interim", publish=publish)
+    return _write(study, out, results, header=header, name="interim", publish=publish, probes=probes)
 
 
 if __name__ == "__main__":

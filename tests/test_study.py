@@ -100,11 +100,13 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 def test_a_killed_study_resumes_and_paired_arms_differ_only_in_the_regulariser(tmp_path):
     """`--disp.weight 0` and `--disp.variant none` are the same experiment: identical weights and
     FID. The study is killed after its first run and resumed without redoing it."""
+    import dataclasses
+
     import jax
     import jax.numpy as jnp
 
     import eqdisp
-    from analysis.study import read_result, summarize
+    from analysis.study import read_result, summarize, with_probes
 
     from study_worker import STUDY as study
 
@@ -134,6 +136,20 @@ def test_a_killed_study_resumes_and_paired_arms_differ_only_in_the_regulariser(t
     summary = summarize(study, results)
     diff = summary["arms"][1]["fid_diff"]
     assert diff["n"] == 1 and diff["mean"] == 0.0
+
+    # Linear probes after the fact (on 128 examples: 5 folds need 5 of every class): identical
+    # for the identical arms, at block depth // 4 = 1, computed once per checkpoint.
+    probing = dataclasses.replace(study, protocol=dataclasses.replace(study.protocol, examples=128))
+    probed = with_probes(probing, out, results)
+    first_probe, second_probe = (r["probe"] for r in probed)
+    assert first_probe == second_probe and first_probe["block"] == 1
+    assert len(first_probe["accuracy"]) == len(first_probe["t"]) == 5
+    assert all(0.0 <= a <= 1.0 for a in first_probe["accuracy"])
+    cache = out / "none" / "seed-0" / "probe.json"
+    stamp = cache.stat().st_mtime_ns
+    assert with_probes(probing, out, results) == probed and cache.stat().st_mtime_ns == stamp
+    row = summarize(study, probed)["arms"][1]
+    assert row["probe_mid_diff"]["mean"] == 0.0 and row["probe_accuracy"] == first_probe["accuracy"]
     assert json.loads((out / "study.json").read_text())["protocol"]["steps"] == 3
 
 
@@ -210,7 +226,10 @@ def test_interim_summarises_only_the_seeds_every_arm_finished(tmp_path):
                 "diagnostics": {"disp_gap/b1": 0.01 * (seed + 1), "grad_norm_diff/b1": 0.2},
             }))
     published = tmp_path / "published"
-    summary = main(["table2", "--out", str(tmp_path), "--interim", "--jobs", "1", "--publish", str(published)])
+    summary = main([
+        "table2", "--out", str(tmp_path), "--interim", "--jobs", "1", "--publish", str(published),
+        "--no-probes",  # these runs have no checkpoints
+    ])
     rows = {row["arm"]: row for row in summary["arms"]}
     assert all(row["seeds"] == 2 for row in rows.values())  # seed 2 left out of every arm
     # infonce-l2 is 1 above the baseline at seed 0 and 1.5 at seed 1: mean 1.25, std 0.354,

@@ -3,7 +3,8 @@
 - `Study`, `Arm`, `Protocol` and the built-in `STUDIES` (the paper's Tables 2-4, its two recipes,
   Fig. 4's models, the three model families, bfloat16 against float32) — `_plan`.
 - `run_study` (resumable, seed by seed, one or several runs at a time), `cores_per_run`, `plan`,
-  `estimate_seconds`, `real_digits_fid`, `with_secondary_fid`, `wall_time` — `_run`.
+  `estimate_seconds`, `real_digits_fid`, `with_secondary_fid`, `with_probes`, `wall_time` —
+  `_run`.
 - `summarize`, `markdown`, `write_results` — `_report`; `paired_interval`, `t_quantile` — `_stats`.
 
 Within a seed every arm shares the initial weights, the data order and every noise, time and
@@ -21,6 +22,7 @@ from ._run import (
     real_digits_fid,
     run_study,
     wall_time,
+    with_probes,
     with_secondary_fid,
 )
 from ._stats import Paired, mean_std, paired_interval, t_cdf, t_quantile
@@ -46,6 +48,7 @@ __all__ = [
     "t_cdf",
     "t_quantile",
     "wall_time",
+    "with_probes",
     "with_secondary_fid",
     "write_results",
 ]

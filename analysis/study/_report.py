@@ -21,20 +21,27 @@ def _block_value(result: dict, key: str, block: int) -> float | None:
     return None if values is None or block > len(values) else values[block - 1]
 
 
-def _paired_fid(row: dict, runs: list[dict], base: list[dict] | None, key: str, prefix: str) -> None:
-    """Into `row`: mean ± std of ``run[key]`` over seeds and, unless this is the baseline
+def _paired(row: dict, runs: list[dict], base: list[dict] | None, value, prefix: str) -> None:
+    """Into `row`: mean ± std of ``value(run)`` over seeds and, unless this is the baseline
     (`base` None), the paired difference to the baseline over the seeds both have, with its
     interval, and the relative change of the means."""
-    row[f"{prefix}_mean"], row[f"{prefix}_std"] = mean_std([r[key] for r in runs])
+    row[f"{prefix}_mean"], row[f"{prefix}_std"] = mean_std([value(r) for r in runs])
     if base is None:
         return
     seeds = {r["seed"] for r in runs} & {r["seed"] for r in base}
-    ours = [r[key] for r in runs if r["seed"] in seeds]
-    theirs = [r[key] for r in base if r["seed"] in seeds]
+    ours = [value(r) for r in runs if r["seed"] in seeds]
+    theirs = [value(r) for r in base if r["seed"] in seeds]
     paired = paired_interval(ours, theirs, level=_LEVEL)
     row[f"{prefix}_diff"] = dataclasses.asdict(paired)
     base_mean = mean_std(theirs)[0]
     row[f"{prefix}_relative"] = paired.mean / base_mean if base_mean else math.nan
+
+
+def _probe_mid(result: dict) -> float:
+    """The probe's accuracy at the grid time nearest 0.5 (half noise)."""
+    probe = result["probe"]
+    i = min(range(len(probe["t"])), key=lambda k: abs(probe["t"][k] - 0.5))
+    return probe["accuracy"][i]
 
 
 def summarize(
@@ -51,21 +58,27 @@ def summarize(
 
     `real` is `real_digits_fid` against the protocol's reference. When the results carry
     ``fid_secondary`` (`with_secondary_fid`), the same paired numbers are given for it too (as
-    ``fid2_*``), and `secondary` is `real_digits_fid` against its reference.
+    ``fid2_*``), and `secondary` is `real_digits_fid` against its reference. When every result
+    carries a ``probe`` (`with_probes`), each row gets the mean probe accuracy per time
+    (``probe_accuracy``) and the paired numbers of the accuracy at half noise (``probe_mid_*``).
     """
     by_arm = {a.name: sorted((r for r in results if r["arm"] == a.name), key=lambda r: r["seed"]) for a in study.arms}
     base = by_arm[study.baseline.name]
     depth_block = max(1, len(base[0]["analysis"].get("norm_token", [0] * 4)) // 4) if base else 1
     has_secondary = bool(results) and all("fid_secondary" in r for r in results)
+    has_probes = bool(results) and all(r.get("probe") for r in results)
     rows = []
     for arm in study.arms:
         runs = by_arm[arm.name]
         flags = arm.flags if arm.preset is None else (arm.preset, *arm.flags)
         row = {"arm": arm.name, "flags": " ".join(flags), "seeds": len(runs)}
         paired_with = None if arm is study.baseline else base
-        _paired_fid(row, runs, paired_with, "fid", "fid")
+        _paired(row, runs, paired_with, lambda r: r["fid"], "fid")
         if has_secondary:
-            _paired_fid(row, runs, paired_with, "fid_secondary", "fid2")
+            _paired(row, runs, paired_with, lambda r: r["fid_secondary"], "fid2")
+        if has_probes:
+            row["probe_accuracy"] = np.mean([r["probe"]["accuracy"] for r in runs], axis=0).tolist()
+            _paired(row, runs, paired_with, _probe_mid, "probe_mid")
         for key in ("precision", "recall"):
             values = [r[key] for r in runs if r.get(key) is not None]
             row[f"{key}_mean"] = mean_std(values)[0] if values else None
@@ -83,6 +96,9 @@ def summarize(
         "interval": f"two-sided {int(_LEVEL * 100)}% Student-t interval of the mean paired difference over seeds",
         "real_digits": real,
         "secondary": secondary if has_secondary else None,
+        "probe": (
+            {k: results[0]["probe"][k] for k in ("t", "block", "chance")} if has_probes else None
+        ),
         "arms": rows,
     }
 
@@ -179,7 +195,36 @@ def markdown(summary: dict, *, header: Sequence[str] = ()) -> str:
             )
     lines += ["", "`*`: the interval excludes 0. Lower FID is better."]
     lines += _diagnostics_table(summary)
+    lines += _probes_table(summary)
     return "\n".join(lines) + "\n"
+
+
+def _probes_table(summary: dict) -> list[str]:
+    """Linear-probe accuracy per arm and time, with the paired difference at half noise."""
+    probe = summary.get("probe")
+    if not probe:
+        return []
+    t = probe["t"]
+    mid = min(t, key=lambda x: abs(x - 0.5))
+    lines = [
+        "",
+        f"## Linear probes of the class at block {probe['block']}",
+        "",
+        (
+            "Cross-validated linear probes of the class from the block's output (pooled over "
+            "tokens), the model fed the null label (it sees no class; every run learned the null "
+            "label through label dropout); the same examples and noise for every run; chance (the "
+            f"largest class) {probe['chance']:.3f}. Computed after the runs from their final "
+            f"checkpoints. Δ: paired, at t = {mid}."
+        ),
+        "",
+        "| arm | " + " | ".join(f"t = {x}" for x in t) + f" | Δ at t = {mid} [95% CI] |",
+        "|---|" + "---|" * (len(t) + 1),
+    ]
+    for row in summary["arms"]:
+        cells = " | ".join(_fmt(a) for a in row["probe_accuracy"])
+        lines.append(f"| {row['arm']} | {cells} | {_delta(row, 'probe_mid')} |")
+    return lines
 
 
 _DIAGNOSTIC_COLUMNS = (
@@ -237,19 +282,21 @@ def figure(study: Study, results: Sequence[dict], key: str = "fid", title: str =
     return fig
 
 
-def curves(study: Study, out: pathlib.Path, key: str = "loss_diff") -> go.Figure:
-    """`key` from each run's metrics.jsonl over its logged steps, averaged over seeds per arm
-    (a moving average when there are many rows). A key ending in ``/*`` (``disp_gap/*``) takes
-    each arm's first regularised block."""
+def curves(
+    study: Study, out: pathlib.Path, results: Sequence[dict], key: str = "loss_diff"
+) -> go.Figure:
+    """`key` from the metrics.jsonl of each run of `results`, over its logged steps, averaged over
+    seeds per arm (a moving average when there are many rows). A key ending in ``/*``
+    (``disp_gap/*``) takes each arm's first regularised block."""
     fig = go.Figure()
     for arm in study.arms:
         series, steps = [], None
-        for seed in range(study.protocol.seeds):
+        for seed in sorted({r["seed"] for r in results if r["arm"] == arm.name}):
             file = study.run_dir(out, arm, seed) / "metrics.jsonl"
             if file.is_file():
                 rows = [json.loads(l) for l in file.read_text().splitlines()]
                 name = _first_key(rows, key)
-                if name is not None:
+                if rows and name is not None:
                     series.append([r.get(name, math.nan) for r in rows])
                     steps = [r.get("step", i + 1) for i, r in enumerate(rows)]
         if series:
@@ -296,7 +343,7 @@ def write_results(
     if summary.get("secondary"):
         reference = summary["secondary"]["reference"]
         figures.append(figure(study, results, "fid_secondary", f"FID-classifier vs {reference}"))
-    figures += [curves(study, out, key) for key in ("loss_diff", "loss_disp", "disp_gap/*", "grad_norm_disp/*", "grad_cos/*")]
+    figures += [curves(study, out, results, key) for key in ("loss_diff", "loss_disp", "disp_gap/*", "grad_norm_disp/*", "grad_cos/*")]
     if plotly_beside and not (to / "plotly.min.js").is_file():
         import plotly.offline
 

@@ -187,6 +187,37 @@ def with_secondary_fid(
     return augmented
 
 
+def with_probes(study: Study, out: pathlib.Path, results: Sequence[dict]) -> list[dict]:
+    """`results`, each with ``probe``: the cross-validated accuracy of a linear probe of the class
+    from the block the tables read (depth // 4), at each time of the analysis grid, the model fed
+    the null label (`analysis.Options` defaults otherwise: the same 256 examples and noise for
+    every run, 5 folds); None for a run whose model never learned the null label. Computed from
+    the run's final checkpoint after the fact and cached in its directory as ``probe.json``,
+    valid while the run's latest checkpoint and these options stay the same."""
+    from .._collect import Options, analyze_runs
+
+    options = Options(examples=study.protocol.examples, blocks="quarter", progress=False)
+    augmented = []
+    for result in results:
+        run_dir = study.run_dir(pathlib.Path(out), study.arm(result["arm"]), result["seed"])
+        steps = [int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()]
+        # As it reads back from JSON (tuples become lists), so that it compares equal.
+        stamp = json.loads(json.dumps({"step": max(steps, default=None), "options": dataclasses.asdict(options)}))
+        cache = run_dir / "probe.json"
+        cached = json.loads(cache.read_text()) if cache.is_file() else {}
+        if cached.get("stamp") != stamp:
+            (metrics,) = analyze_runs([run_dir], options, analyses=("probes",))
+            accuracy = metrics.values.get("probe_accuracy") if metrics.probe_meaningful else None
+            probe = None if accuracy is None else {
+                "t": list(metrics.t), "block": metrics.blocks[0],
+                "accuracy": [float(a) for a in accuracy[:, 0]], "chance": metrics.chance,
+            }
+            cached = {"stamp": stamp, "probe": probe}
+            _write_json(cache, cached)
+        augmented.append({**result, "probe": cached["probe"]})
+    return augmented
+
+
 def real_digits_fid(out: pathlib.Path, protocol: Protocol, reference: str | None = None) -> dict:
     """FID-classifier of real digits the classifier trained on, as many as the arms sample (at most
     1,500), against `reference` (default: the protocol's), with the classifier's mean confidence
