@@ -1,11 +1,13 @@
 """Paired A/B studies of Dispersive Loss: ``python -m cli.study table2 --out studies/table2``.
 
 Trains every arm of a built-in study (the paper's Tables 2-4, its two recipes, Fig. 4's models,
-the three model families, bfloat16 against float32) for every seed under one fixed protocol, samples, evaluates
-(FID-classifier) and analyses each run, then writes ``results.md``, ``results.html`` and
-``results.json`` with per-arm means and the paired difference to the baseline with its 95%
-Student-t interval. Resumable: rerun the same command after a kill. ``--dry-run`` prints the plan
-and its estimated time.
+the three model families, bfloat16 against float32) for every seed under one fixed protocol,
+samples, evaluates (FID-classifier) and analyses each run, then writes ``results.md``,
+``results.html`` and ``results.json`` with per-arm means and the paired difference to the
+baseline with its 95% Student-t interval, the training diagnostics and linear probes.
+Resumable: rerun the same command after a kill. ``--dry-run`` prints the plan and its estimated
+time; ``--interim`` summarises the seeds finished so far; ``--publish`` copies the summary into
+a results directory.
 """
 
 import dataclasses
@@ -127,8 +129,9 @@ def _write(
     study, out: pathlib.Path, results: list[dict], *, header: list[str], name: str,
     publish: pathlib.Path | None, probes: bool,
 ) -> dict:
-    """Summarise `results` into `name`.md/.html/.json, with the real digits' FID-classifier and,
-    when the protocol's reference is another, the secondary FID-classifier against all digits."""
+    """Summarise `results` into `name`.md/.html/.json (and into `publish`), with the real digits'
+    FID-classifier, the secondary FID-classifier against all digits (when the protocol's
+    reference is another) and, with `probes`, each run's linear probes."""
     from analysis.study import (
         SECONDARY_REFERENCE,
         real_digits_fid,
