@@ -37,11 +37,15 @@ def _paired(row: dict, runs: list[dict], base: list[dict] | None, value, prefix:
     row[f"{prefix}_relative"] = paired.mean / base_mean if base_mean else math.nan
 
 
+def _half_noise(t: Sequence[float]) -> int:
+    """The index of the grid time nearest 0.5 (half noise)."""
+    return min(range(len(t)), key=lambda k: abs(t[k] - 0.5))
+
+
 def _probe_mid(result: dict) -> float:
-    """The probe's accuracy at the grid time nearest 0.5 (half noise)."""
+    """The probe's accuracy at half noise."""
     probe = result["probe"]
-    i = min(range(len(probe["t"])), key=lambda k: abs(probe["t"][k] - 0.5))
-    return probe["accuracy"][i]
+    return probe["accuracy"][_half_noise(probe["t"])]
 
 
 def summarize(
@@ -205,7 +209,7 @@ def _probes_table(summary: dict) -> list[str]:
     if not probe:
         return []
     t = probe["t"]
-    mid = min(t, key=lambda x: abs(x - 0.5))
+    mid = t[_half_noise(t)]
     lines = [
         "",
         f"## Linear probes of the class at block {probe['block']}",

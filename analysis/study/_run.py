@@ -163,6 +163,22 @@ pre-registered held-out reference to be dominated by its own noise (see `real_di
 is reported beside the primary number, never instead of it."""
 
 
+def _result_dir(study: Study, out: pathlib.Path, result: dict) -> pathlib.Path:
+    """The directory of the run that `result` came from."""
+    return study.run_dir(pathlib.Path(out), study.arm(result["arm"]), result["seed"])
+
+
+def _cached(file: pathlib.Path, stamp: dict, compute, *args):
+    """``compute(*args)``, kept in `file` beside the `stamp` it holds for; recomputed when the stamp
+    differs. The stamp is compared as JSON gives it back (tuples become lists)."""
+    stamp = json.loads(json.dumps(stamp))
+    cached = json.loads(file.read_text()) if file.is_file() else {}
+    if cached.get("stamp") != stamp:
+        cached = {"stamp": stamp, "value": compute(*args)}
+        _write_json(file, cached)
+    return cached["value"]
+
+
 def with_secondary_fid(
     study: Study, out: pathlib.Path, results: Sequence[dict], reference: str = SECONDARY_REFERENCE
 ) -> list[dict]:
@@ -171,19 +187,17 @@ def with_secondary_fid(
     ``fid-<reference>.json``, valid while the samples file keeps its size and modification time."""
     from eqdisp.eval import evaluate
 
-    out = pathlib.Path(out)
+    def secondary_fid(samples: pathlib.Path) -> float:
+        return evaluate(samples, reference, features="classifier")["fid"]
+
     augmented = []
     for result in results:
-        run_dir = study.run_dir(out, study.arm(result["arm"]), result["seed"])
+        run_dir = _result_dir(study, out, result)
         samples = run_dir / "samples.npz"
         stat = samples.stat()
         stamp = {"reference": reference, "samples_bytes": stat.st_size, "samples_mtime_ns": stat.st_mtime_ns}
-        cache = run_dir / f"fid-{reference}.json"
-        cached = json.loads(cache.read_text()) if cache.is_file() else {}
-        if cached.get("stamp") != stamp:
-            cached = {"stamp": stamp, "fid": evaluate(samples, reference, features="classifier")["fid"]}
-            _write_json(cache, cached)
-        augmented.append({**result, "fid_secondary": cached["fid"]})
+        fid = _cached(run_dir / f"fid-{reference}.json", stamp, secondary_fid, samples)
+        augmented.append({**result, "fid_secondary": fid})
     return augmented
 
 
@@ -197,24 +211,22 @@ def with_probes(study: Study, out: pathlib.Path, results: Sequence[dict]) -> lis
     from .._collect import Options, analyze_runs
 
     options = Options(examples=study.protocol.examples, blocks="quarter", progress=False)
+
+    def probe(run_dir: pathlib.Path) -> dict | None:
+        (metrics,) = analyze_runs([run_dir], options, analyses=("probes",))
+        accuracy = metrics.values.get("probe_accuracy") if metrics.probe_meaningful else None
+        return None if accuracy is None else {
+            "t": list(metrics.t), "block": metrics.blocks[0],
+            "accuracy": [float(a) for a in accuracy[:, 0]], "chance": metrics.chance,
+        }
+
     augmented = []
     for result in results:
-        run_dir = study.run_dir(pathlib.Path(out), study.arm(result["arm"]), result["seed"])
+        run_dir = _result_dir(study, out, result)
         steps = [int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()]
-        # As it reads back from JSON (tuples become lists), so that it compares equal.
-        stamp = json.loads(json.dumps({"step": max(steps, default=None), "options": dataclasses.asdict(options)}))
-        cache = run_dir / "probe.json"
-        cached = json.loads(cache.read_text()) if cache.is_file() else {}
-        if cached.get("stamp") != stamp:
-            (metrics,) = analyze_runs([run_dir], options, analyses=("probes",))
-            accuracy = metrics.values.get("probe_accuracy") if metrics.probe_meaningful else None
-            probe = None if accuracy is None else {
-                "t": list(metrics.t), "block": metrics.blocks[0],
-                "accuracy": [float(a) for a in accuracy[:, 0]], "chance": metrics.chance,
-            }
-            cached = {"stamp": stamp, "probe": probe}
-            _write_json(cache, cached)
-        augmented.append({**result, "probe": cached["probe"]})
+        stamp = {"step": max(steps, default=None), "options": dataclasses.asdict(options)}
+        value = _cached(run_dir / "probe.json", stamp, probe, run_dir)
+        augmented.append({**result, "probe": value})
     return augmented
 
 
@@ -266,8 +278,7 @@ def wall_time(study: Study, out: pathlib.Path, results: Sequence[dict]) -> dict:
 
     spans = []
     for result in results:
-        file = study.run_dir(pathlib.Path(out), study.arm(result["arm"]), result["seed"]) / RESULT
-        end = file.stat().st_mtime
+        end = (_result_dir(study, out, result) / RESULT).stat().st_mtime
         spans.append((end - result["seconds"], end))
     spans.sort()
     busy, cursor = 0.0, -math.inf
