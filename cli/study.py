@@ -6,8 +6,9 @@ samples, evaluates (FID-classifier) and analyses each run, then writes ``results
 ``results.html`` and ``results.json`` with per-arm means and the paired difference to the
 baseline with its 95% Student-t interval, the training diagnostics and linear probes.
 Resumable: rerun the same command after a kill. ``--dry-run`` prints the plan and its estimated
-time; ``--interim`` summarises the seeds finished so far; ``--publish`` copies the summary into
-a results directory.
+time; ``--interim`` summarises the seeds finished so far; ``--publish`` copies the summary and
+the ledger of every finished run into a results directory, and ``--restore`` takes a ledger's
+runs into a study on another machine, which then trains only the runs it lacks.
 """
 
 import dataclasses
@@ -54,8 +55,14 @@ class StudyArgs:
     final checkpoint and cached beside it)."""
     publish: str | None = None
     """Also write the summary into this directory as ``<study>.md``/``.html``/``.json`` (or
-    ``<study>-interim.*``), the pages loading one shared ``plotly.min.js`` beside them; e.g.
-    ``analysis/results``."""
+    ``<study>-interim.*``), the pages loading one shared ``plotly.min.js`` beside them, with
+    ``<study>-runs.jsonl``: the ledger of every finished run (complete seeds or not), which
+    ``--restore`` reads; e.g. ``analysis/results``."""
+    restore: str | None = None
+    """First take into ``--out`` the finished runs recorded in this ledger (``<study>-runs.jsonl``)
+    or published summary (``<study>.json``) that it lacks, e.g. on a new machine:
+    ``--restore analysis/results/table2-runs.jsonl``. Runs made under another protocol or core
+    count per run are skipped."""
 
 
 def _commit() -> str:
@@ -84,6 +91,7 @@ def _main(argv: list[str] | None) -> dict:
         cores_per_run,
         estimate_seconds,
         plan,
+        restore,
         run_study,
     )
 
@@ -92,6 +100,12 @@ def _main(argv: list[str] | None) -> dict:
     study = dataclasses.replace(study, protocol=dataclasses.replace(study.protocol, **budget))
     out = pathlib.Path(args.out or f"studies/{study.name}")
     jobs = args.jobs if args.jobs is not None else min(2, cores_per_run(1))
+    if args.restore is not None:
+        counts = restore(study, out, args.restore, jobs=jobs)
+        print(
+            f"restored from {args.restore}: {counts['restored']} run(s); {counts['present']} already "
+            f"here; {counts['skipped']} made under another protocol or core count, skipped"
+        )
     units = plan(study, out, jobs=jobs)
     left = sum(1 for _, _, r in units if r is None)
     print(f"{study.name}: {study.description}")
@@ -118,40 +132,52 @@ def _times(study, out: pathlib.Path, results: list[dict]) -> str:
     from analysis.study import wall_time
 
     times = wall_time(study, out, results)
-    return (
+    untimed = times["untimed"]
+    left_out = f"{untimed} run(s) restored without an end time"
+    span = (
         f"Wall time: {times['busy'] / 3600:.2f} h with a run in progress (from the runs' result "
         f"files; pauses between invocations excluded), between {times['first']} and "
-        f"{times['last']}; sum of the runs' times: {times['runs'] / 3600:.2f} h."
+        f"{times['last']}" + (f", leaving out {left_out}" if untimed else "")
+        if times["first"] is not None
+        else f"Wall time: unknown, {left_out}"
     )
+    return f"{span}; sum of the runs' times: {times['runs'] / 3600:.2f} h."
 
 
 def _write(
     study, out: pathlib.Path, results: list[dict], *, header: list[str], name: str,
-    publish: pathlib.Path | None, probes: bool,
+    publish: pathlib.Path | None, probes: bool, finished: list[dict] | None = None,
 ) -> dict:
-    """Summarise `results` into `name`.md/.html/.json (and into `publish`), with the real digits'
-    FID-classifier, the secondary FID-classifier against all digits (when the protocol's
-    reference is another) and, with `probes`, each run's linear probes."""
+    """Summarise `results` into `name`.md/.html/.json (and into `publish`, with the ledger of the
+    `finished` runs, default `results`), with the real digits' FID-classifier, the secondary
+    FID-classifier against all digits (when the protocol's reference is another) and, with
+    `probes`, each run's linear probes."""
     from analysis.study import (
         SECONDARY_REFERENCE,
+        ledger,
         real_digits_fid,
         summarize,
         with_probes,
         with_secondary_fid,
+        write_ledger,
         write_results,
     )
 
+    runs = results if finished is None else finished
     real, secondary = real_digits_fid(out, study.protocol), None
     if study.protocol.reference != SECONDARY_REFERENCE:
-        results = with_secondary_fid(study, out, results)
+        runs = with_secondary_fid(study, out, runs)
         secondary = real_digits_fid(out, study.protocol, SECONDARY_REFERENCE)
     if probes:
-        results = with_probes(study, out, results)
+        runs = with_probes(study, out, runs)
+    chosen = {(r["arm"], r["seed"]) for r in results}
+    results = [r for r in runs if (r["arm"], r["seed"]) in chosen]
     summary = summarize(study, results, real=real, secondary=secondary)
     files = write_results(study, out, summary, results, header=header, name=name)
     if publish is not None:
         stem = study.name if name == "results" else f"{study.name}-{name}"
         files += write_results(study, out, summary, results, header=header, name=stem, to=publish, plotly_beside=True)
+        files.append(write_ledger(publish / f"{study.name}-runs.jsonl", ledger(study, out, runs)))
     print("\n".join(str(f) for f in files))
     return summary
 
@@ -179,16 +205,19 @@ def _interim(
     if not seeds:
         raise AnalysisError(f"{out}: no seed has finished in every arm yet: nothing to summarise")
     results = [result for seed, _, result in units if seed in seeds]
-    done = sum(result is not None for *_, result in units)
+    finished = [result for *_, result in units if result is not None]
     header = [
         (
             f"**Interim**: seeds {', '.join(map(str, seeds))} ({len(seeds)} of "
-            f"{study.protocol.seeds}) finished in every arm; {done} of {len(units)} runs done."
+            f"{study.protocol.seeds}) finished in every arm; {len(finished)} of {len(units)} runs done."
         ),
         f"The runs were made on the study's commit and machine; this summary on: {_machine(jobs)}.",
         _times(study, out, results),
     ]
-    return _write(study, out, results, header=header, name="interim", publish=publish, probes=probes)
+    return _write(
+        study, out, results, header=header, name="interim", publish=publish, probes=probes,
+        finished=finished,
+    )
 
 
 if __name__ == "__main__":

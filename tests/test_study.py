@@ -225,6 +225,9 @@ def test_interim_summarises_only_the_seeds_every_arm_finished(tmp_path):
                 "analysis": {}, "seconds": 100.0,
                 "diagnostics": {"disp_gap/b1": 0.01 * (seed + 1), "grad_norm_diff/b1": 0.2},
             }))
+            rows = [{"step": step, "loss_diff": 1.0 / step + i, "loss_disp": -2.7 + seed, "lr": 1e-3}
+                    for step in (10, 20, 30)]
+            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     published = tmp_path / "published"
     summary = main([
         "table2", "--out", str(tmp_path), "--interim", "--jobs", "1", "--publish", str(published),
@@ -259,6 +262,73 @@ def test_interim_summarises_only_the_seeds_every_arm_finished(tmp_path):
     expected = [evaluate(f, "digits", features="classifier")["fid"] for f in baseline_runs]
     assert rows["baseline"]["fid2_mean"] == pytest.approx(sum(expected) / 2, rel=1e-9)
     assert summary["secondary"]["reference"] == "digits"
+
+    # The ledger holds every finished run (seed 2's three too), with what the directory held.
+    ledger = published / "table2-runs.jsonl"
+    records = [json.loads(line) for line in ledger.read_text().splitlines()]
+    assert len(records) == 29 and {(r["arm"], r["seed"]) for r in records} >= {("infonce-cos", 2)}
+    assert records[0]["metrics"][0] == {"step": 10, "loss_diff": 0.1, "loss_disp": -2.7}  # no lr
+
+    # Moved to a machine without the runs' files, the study restores them and summarises the
+    # same: the FIDs, the secondary FID and the curves come from the records.
+    from analysis.study._report import curves
+
+    moved = tmp_path / "moved"
+    again = main([
+        "table2", "--out", str(moved), "--interim", "--jobs", "1", "--restore", str(ledger),
+        "--no-probes",
+    ])
+    assert again["arms"] == summary["arms"]
+    assert not (study.run_dir(moved, study.baseline, 0) / "samples.npz").exists()
+    here = json.loads((tmp_path / "interim.json").read_text())["runs"]
+    there = json.loads((moved / "interim.json").read_text())["runs"]
+    for key in ("loss_diff", "loss_disp"):
+        assert curves(study, moved, there, key).to_dict()["data"] == curves(study, tmp_path, here, key).to_dict()["data"]
+    assert "(2 seeds)" in curves(study, moved, there).to_dict()["data"][0]["name"]
+    page = (moved / "interim.md").read_text()
+    assert "29 of 65 runs done" in page and "restored without an end time" not in page
+
+
+def test_restore_takes_only_the_runs_missing_here_and_made_under_the_same_identity(tmp_path):
+    from analysis import AnalysisError
+    from analysis.study import STUDIES, cores_per_run, read_result, restore, with_probes, with_secondary_fid
+    from analysis.study._run import RESULT, _identity
+
+    study = STUDIES["table2"]
+    base, other = study.arms[:2]
+    cores = cores_per_run(1)  # what restore(jobs=1) matches
+
+    def record(arm, seed, **change):
+        identity = _identity(study, arm, seed, cores)
+        identity["protocol"] = {**identity["protocol"], **change}
+        return {"identity": identity, "arm": arm.name, "seed": seed, "fid": 50.0 + seed, "seconds": 9.0,
+                "fid_secondary": 5.0, "probe": None}
+
+    here = study.run_dir(tmp_path, base, 0)
+    here.mkdir(parents=True)
+    (here / RESULT).write_text(json.dumps({**record(base, 0), "fid": 1.0}))  # finished here
+    ledger = tmp_path / "table2-runs.jsonl"
+    lines = [record(base, 0), record(other, 0), record(base, 1), record(other, 1, steps=100)]
+    ledger.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert restore(study, tmp_path, ledger) == {"restored": 2, "present": 1, "skipped": 1}
+    assert read_result(study, tmp_path, base, 0, cores=cores)["fid"] == 1.0  # not overwritten
+    restored = read_result(study, tmp_path, other, 0, cores=cores)
+    assert restored["fid"] == 50.0 and restored["restored_from"] == str(ledger)
+    assert read_result(study, tmp_path, other, 1, cores=cores) is None  # another protocol
+    assert restore(study, tmp_path, ledger) == {"restored": 0, "present": 3, "skipped": 1}
+    # Without the run's samples and checkpoints, its record's numbers stand; without those too,
+    # the error names what is missing.
+    assert with_secondary_fid(study, tmp_path, [restored]) == [restored]
+    assert with_probes(study, tmp_path, [restored]) == [restored]
+    bare = {key: value for key, value in restored.items() if key != "fid_secondary"}
+    with pytest.raises(AnalysisError, match="infonce-l2 seed 0 has no 'fid_secondary'"):
+        with_secondary_fid(study, tmp_path, [bare])
+
+    with pytest.raises(AnalysisError, match="not a study's ledger"):
+        restore(study, tmp_path, tmp_path / "missing.jsonl")
+    ledger.write_text(json.dumps({**record(base, 2), "arm": "block-1"}) + "\n")
+    with pytest.raises(AnalysisError, match="arm 'block-1' is not in study 'table2'"):
+        restore(study, tmp_path, ledger)
 
 
 def _digits_uint8(count: int):
@@ -313,3 +383,12 @@ def test_the_wall_time_is_the_union_of_the_runs_intervals(tmp_path):
     times = wall_time(study, tmp_path, results)
     assert times["busy"] == pytest.approx(250.0) and times["runs"] == pytest.approx(300.0)
     assert (times["first"], times["last"]) == ("2001-09-09 01:46 UTC", "2001-09-09 01:53 UTC")
+    assert times["untimed"] == 0
+
+    # A record's own end time wins over its file's (restored runs' files are as old as the
+    # restore); a run restored without one is left out of the span, not placed at the restore.
+    results[2] = {**results[2], "finished": 1e9 + 500.0, "restored_from": "ledger"}
+    results.append({"arm": study.baseline.name, "seed": 0, "seconds": 50.0, "restored_from": "ledger"})
+    times = wall_time(study, tmp_path, results)
+    assert times["busy"] == pytest.approx(250.0) and times["runs"] == pytest.approx(350.0)
+    assert times["last"] == "2001-09-09 01:55 UTC" and times["untimed"] == 1

@@ -3,8 +3,8 @@
 - `Study`, `Arm`, `Protocol` and the built-in `STUDIES` (the paper's Tables 2-4, its two recipes,
   Fig. 4's models, the three model families, bfloat16 against float32) — `_plan`.
 - `run_study` (resumable, seed by seed, one or several runs at a time), `cores_per_run`, `plan`,
-  `estimate_seconds`, `real_digits_fid`, `with_secondary_fid`, `with_probes`, `wall_time` —
-  `_run`.
+  `estimate_seconds`, `real_digits_fid`, `with_secondary_fid`, `with_probes`, `wall_time`, and
+  the ledger that moves a study between machines (`ledger`, `write_ledger`, `restore`) — `_run`.
 - `summarize`, `markdown`, `write_results` — `_report`; `paired_interval`, `t_quantile` — `_stats`.
 
 Within a seed every arm shares the initial weights, the data order and every noise, time and
@@ -17,13 +17,17 @@ from ._run import (
     SECONDARY_REFERENCE,
     cores_per_run,
     estimate_seconds,
+    finished_at,
+    ledger,
     plan,
     read_result,
     real_digits_fid,
+    restore,
     run_study,
     wall_time,
     with_probes,
     with_secondary_fid,
+    write_ledger,
 )
 from ._stats import Paired, mean_std, paired_interval, t_cdf, t_quantile
 
@@ -37,12 +41,15 @@ __all__ = [
     "arm_config",
     "cores_per_run",
     "estimate_seconds",
+    "finished_at",
+    "ledger",
     "markdown",
     "mean_std",
     "paired_interval",
     "plan",
     "read_result",
     "real_digits_fid",
+    "restore",
     "run_study",
     "summarize",
     "t_cdf",
@@ -50,5 +57,6 @@ __all__ = [
     "wall_time",
     "with_probes",
     "with_secondary_fid",
+    "write_ledger",
     "write_results",
 ]

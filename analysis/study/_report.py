@@ -286,29 +286,52 @@ def figure(study: Study, results: Sequence[dict], key: str = "fid", title: str =
     return fig
 
 
+CURVES = ("loss_diff", "loss_disp", "disp_gap/*", "grad_norm_disp/*", "grad_cos/*")
+"""The metrics drawn over training; a key ending in ``/*`` takes each arm's first regularised
+block (``disp_gap/b1``)."""
+
+
+def curve_rows(rows: Sequence[dict]) -> list[dict]:
+    """The ``step`` and the `CURVES` keys of metrics rows, as a run's ledger record keeps them."""
+    wanted = tuple(key[:-1] if key.endswith("/*") else key for key in CURVES)
+
+    def keep(name: str) -> bool:
+        return name == "step" or any(name == w or (w.endswith("/") and name.startswith(w)) for w in wanted)
+
+    return [{k: v for k, v in row.items() if keep(k)} for row in rows]
+
+
+def _run_metrics(study: Study, out: pathlib.Path, result: dict) -> list[dict]:
+    """The run's metrics rows: its ``metrics.jsonl``, else (a run restored from a ledger) those its
+    record carries."""
+    file = study.run_dir(out, study.arm(result["arm"]), result["seed"]) / "metrics.jsonl"
+    if file.is_file():
+        return [json.loads(line) for line in file.read_text().splitlines()]
+    return result.get("metrics", [])
+
+
 def curves(
     study: Study, out: pathlib.Path, results: Sequence[dict], key: str = "loss_diff"
 ) -> go.Figure:
-    """`key` from the metrics.jsonl of each run of `results`, over its logged steps, averaged over
-    seeds per arm (a moving average when there are many rows). A key ending in ``/*``
-    (``disp_gap/*``) takes each arm's first regularised block."""
+    """`key` (one of `CURVES`) from each run of `results`, over its logged steps, averaged over
+    seeds per arm (a moving average when there are many rows); each arm's legend says over how
+    many seeds."""
     fig = go.Figure()
     for arm in study.arms:
         series, steps = [], None
-        for seed in sorted({r["seed"] for r in results if r["arm"] == arm.name}):
-            file = study.run_dir(out, arm, seed) / "metrics.jsonl"
-            if file.is_file():
-                rows = [json.loads(l) for l in file.read_text().splitlines()]
-                name = _first_key(rows, key)
-                if rows and name is not None:
-                    series.append([r.get(name, math.nan) for r in rows])
-                    steps = [r.get("step", i + 1) for i, r in enumerate(rows)]
+        for result in sorted((r for r in results if r["arm"] == arm.name), key=lambda r: r["seed"]):
+            rows = _run_metrics(study, out, result)
+            name = _first_key(rows, key)
+            if rows and name is not None:
+                series.append([r.get(name, math.nan) for r in rows])
+                steps = [r.get("step", i + 1) for i, r in enumerate(rows)]
         if series:
             n = min(len(s) for s in series)
             mean = np.nanmean(np.array([s[:n] for s in series], dtype=float), axis=0)
             window = max(1, n // 50)
             smooth = np.convolve(mean, np.ones(window) / window, mode="valid")
-            fig.add_trace(go.Scatter(x=steps[window - 1 : n], y=smooth, mode="lines", name=arm.name))
+            label = f"{arm.name} ({len(series)} seed{'s' if len(series) > 1 else ''})"
+            fig.add_trace(go.Scatter(x=steps[window - 1 : n], y=smooth, mode="lines", name=label))
     label = f"{key[:-2]} (first regularised block)" if key.endswith("/*") else key
     fig.update_layout(title=f"{label} over training (mean over seeds, moving average)", xaxis_title="step", yaxis_title=label)
     return fig
@@ -347,7 +370,7 @@ def write_results(
     if summary.get("secondary"):
         reference = summary["secondary"]["reference"]
         figures.append(figure(study, results, "fid_secondary", f"FID-classifier vs {reference}"))
-    figures += [curves(study, out, results, key) for key in ("loss_diff", "loss_disp", "disp_gap/*", "grad_norm_disp/*", "grad_cos/*")]
+    figures += [curves(study, out, results, key) for key in CURVES]
     if plotly_beside and not (to / "plotly.min.js").is_file():
         import plotly.offline
 

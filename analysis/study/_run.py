@@ -4,6 +4,10 @@ Runs go seed by seed (all arms of seed 0, then seed 1, ...) so that complete pai
 A run is done when its ``study-result.json`` exists and names the same protocol and flags; a
 killed study rerun with the same command redoes nothing finished and resumes the run that was
 interrupted (training, sampling and the FID batches all resume by themselves).
+
+A study moves between machines as its ledger (`write_ledger`, `restore`): one line per finished
+run with everything the summary reads (the FIDs, the probes, the curves' metrics, when it
+finished), a few kB where the run's directory holds megabytes of checkpoints and samples.
 """
 
 import contextlib
@@ -20,6 +24,7 @@ import numpy as np
 
 from .._errors import AnalysisError
 from ._plan import Arm, Protocol, Study
+from ._report import curve_rows
 
 RESULT = "study-result.json"
 _DIAGNOSTIC_PREFIXES = ("disp_gap", "grad_norm_disp", "grad_norm_diff", "grad_cos")
@@ -147,6 +152,7 @@ def _one_run(study: Study, out: pathlib.Path, arm: Arm, seed: int) -> dict:
         "train_seconds": round(train_seconds, 1),
         "images_per_second": summary.get("images_per_second"),
         "seconds": round(time.perf_counter() - tick, 1),
+        "finished": time.time(),
     }
 
 
@@ -179,12 +185,29 @@ def _cached(file: pathlib.Path, stamp: dict, compute, *args):
     return cached["value"]
 
 
+def _restored(result: dict, source: pathlib.Path, key: str) -> bool:
+    """Whether `result` must keep its own `key` because `source` (the files it is computed from)
+    is missing: a run restored from a ledger without them.
+
+    **Raises:** `AnalysisError` when `source` is missing and the record has no `key` either.
+    """
+    if source.exists():
+        return False
+    if key not in result:
+        raise AnalysisError(
+            f"{source} is missing and the record of {result['arm']} seed {result['seed']} has no "
+            f"{key!r}: rerun that run, or restore it from a ledger that has"
+        )
+    return True
+
+
 def with_secondary_fid(
     study: Study, out: pathlib.Path, results: Sequence[dict], reference: str = SECONDARY_REFERENCE
 ) -> list[dict]:
     """`results`, each with ``fid_secondary``: the FID-classifier of its run's samples against
     `reference`, computed from ``samples.npz`` after the fact. Cached in the run's directory as
-    ``fid-<reference>.json``, valid while the samples file keeps its size and modification time."""
+    ``fid-<reference>.json``, valid while the samples file keeps its size and modification time.
+    A run restored from a ledger without its samples keeps the number its record carries."""
     from eqdisp.eval import evaluate
 
     def secondary_fid(samples: pathlib.Path) -> float:
@@ -194,6 +217,9 @@ def with_secondary_fid(
     for result in results:
         run_dir = _result_dir(study, out, result)
         samples = run_dir / "samples.npz"
+        if _restored(result, samples, "fid_secondary") and reference == SECONDARY_REFERENCE:
+            augmented.append(result)
+            continue
         stat = samples.stat()
         stamp = {"reference": reference, "samples_bytes": stat.st_size, "samples_mtime_ns": stat.st_mtime_ns}
         fid = _cached(run_dir / f"fid-{reference}.json", stamp, secondary_fid, samples)
@@ -207,7 +233,8 @@ def with_probes(study: Study, out: pathlib.Path, results: Sequence[dict]) -> lis
     the null label (`analysis.Options` defaults otherwise: the same 256 examples and noise for
     every run, 5 folds); None for a run whose model never learned the null label. Computed from
     the run's final checkpoint after the fact and cached in its directory as ``probe.json``,
-    valid while the run's latest checkpoint and these options stay the same."""
+    valid while the run's latest checkpoint and these options stay the same. A run restored from a
+    ledger without its checkpoints keeps the probes its record carries."""
     from .._collect import Options, analyze_runs
 
     options = Options(examples=study.protocol.examples, blocks="quarter", progress=False)
@@ -223,6 +250,9 @@ def with_probes(study: Study, out: pathlib.Path, results: Sequence[dict]) -> lis
     augmented = []
     for result in results:
         run_dir = _result_dir(study, out, result)
+        if _restored(result, run_dir / "checkpoints", "probe"):
+            augmented.append(result)
+            continue
         steps = [int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()]
         stamp = {"step": max(steps, default=None), "options": dataclasses.asdict(options)}
         value = _cached(run_dir / "probe.json", stamp, probe, run_dir)
@@ -267,20 +297,28 @@ def real_digits_fid(out: pathlib.Path, protocol: Protocol, reference: str | None
     }
 
 
+def finished_at(study: Study, out: pathlib.Path, result: dict) -> float | None:
+    """When the run of `result` finished (seconds since the epoch): its record's ``finished``, else
+    its result file's modification time; None for a run restored from a record without one (its
+    file's time is that of the restore)."""
+    if "finished" in result:
+        return result["finished"]
+    if "restored_from" in result:
+        return None
+    return (_result_dir(study, out, result) / RESULT).stat().st_mtime
+
+
 def wall_time(study: Study, out: pathlib.Path, results: Sequence[dict]) -> dict:
-    """When the runs of `results` ran, from their result files: each run spans the ``seconds`` it
-    took up to its file's modification time. Returns ``busy`` (seconds during which at least one
-    run was in progress: the study's wall time, without the pauses between invocations),
-    ``first`` and ``last`` (the UTC times of the first start and of the last end), and ``runs``
-    (the sum of the runs' own times). A run that was killed and resumed counts only its last
-    invocation."""
+    """When the runs of `results` ran: each run spans the ``seconds`` it took up to when it
+    finished (`finished_at`). Returns ``busy`` (seconds during which at least one run was in
+    progress: the study's wall time, without the pauses between invocations), ``first`` and
+    ``last`` (the UTC times of the first start and of the last end), ``runs`` (the sum of the
+    runs' own times) and ``untimed`` (runs restored without an end time, left out of ``busy``,
+    ``first`` and ``last``). A run that was killed and resumed counts only its last invocation."""
     import datetime
 
-    spans = []
-    for result in results:
-        end = (_result_dir(study, out, result) / RESULT).stat().st_mtime
-        spans.append((end - result["seconds"], end))
-    spans.sort()
+    ends = [(finished_at(study, out, result), result["seconds"]) for result in results]
+    spans = sorted((end - seconds, end) for end, seconds in ends if end is not None)
     busy, cursor = 0.0, -math.inf
     for start, end in spans:
         if end > cursor:
@@ -295,7 +333,76 @@ def wall_time(study: Study, out: pathlib.Path, results: Sequence[dict]) -> dict:
         "first": utc(spans[0][0]) if spans else None,
         "last": utc(max(e for _, e in spans)) if spans else None,
         "runs": sum(result["seconds"] for result in results),
+        "untimed": len(results) - len(spans),
     }
+
+
+def ledger(study: Study, out: pathlib.Path, results: Sequence[dict]) -> list[dict]:
+    """The records of `results` as they travel (`write_ledger`): each with when it finished and the
+    rows of its ``metrics.jsonl`` that the curves read, which its directory holds only here."""
+    records = []
+    for result in results:
+        record = dict(result)
+        end = finished_at(study, out, result)
+        if end is not None:
+            record["finished"] = end
+        if "metrics" not in record:
+            record["metrics"] = curve_rows(_metrics_rows(_result_dir(study, out, result)))
+        records.append(record)
+    return records
+
+
+def write_ledger(path: pathlib.Path, records: Sequence[dict]) -> pathlib.Path:
+    """`records` (from `ledger`) into `path`, one JSON object per line (in order, so that a ledger
+    kept in git changes by lines)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    os.replace(tmp, path)
+    return path
+
+
+def restore(study: Study, out: str | os.PathLike, source: str | os.PathLike, *, jobs: int = 1) -> dict:
+    """Take into `out` the finished runs recorded in `source` that `out` has not finished, so that
+    a study moved to another machine trains only the runs it lacks and summarises all of them.
+
+    `source` is a ledger (`write_ledger`: ``<study>-runs.jsonl``, which ``cli.study --publish``
+    writes) or a published summary (``<study>.json``, whose ``runs`` it reads). Each record is
+    written as its run's result, marked with ``restored_from``; records made under another
+    protocol, flags or cores per run than `jobs` parallel runs get here are skipped (a run's
+    identity, see `run_study`). Restored runs have no checkpoints or samples here: the summary
+    reads their FIDs, probes and curves from the records.
+
+    Returns the counts ``restored``, ``present`` (already finished in `out`) and ``skipped``.
+
+    **Raises:** `AnalysisError` for a missing or unreadable `source`, or a record of an arm that
+    is not in `study`.
+    """
+    out, source = pathlib.Path(out).absolute(), pathlib.Path(source)
+    try:
+        text = source.read_text()
+        if source.suffix == ".jsonl":
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            records = json.loads(text)["runs"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise AnalysisError(
+            f"--restore {source}: not a study's ledger (.jsonl) or published summary (.json): {error}"
+        ) from None
+    cores = cores_per_run(jobs)
+    counts = {"restored": 0, "present": 0, "skipped": 0}
+    for record in records:
+        arm, seed = study.arm(record["arm"]), record["seed"]
+        if record.get("identity") != _identity(study, arm, seed, cores):
+            counts["skipped"] += 1
+        elif read_result(study, out, arm, seed, cores=cores) is not None:
+            counts["present"] += 1
+        else:
+            run_dir = study.run_dir(out, arm, seed)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _write_json(run_dir / RESULT, {**record, "restored_from": str(source)})
+            counts["restored"] += 1
+    return counts
 
 
 def _duration(seconds: float) -> str:
