@@ -124,7 +124,7 @@ def _main(argv: list[str] | None) -> dict:
         return _interim(study, out, units, jobs, publish, args.probes)
     results = run_study(study, out, jobs=jobs)
     command = f"Command: `python -m cli.study {shlex.join(sys.argv[1:] if argv is None else argv)}`"
-    header = [command, f"{_machine(jobs)}.", _times(study, out, results)]
+    header = [command, f"{_machine(jobs)}.", *_restored(results), _times(study, out, results)]
     return _write(study, out, results, header=header, name="results", publish=publish, probes=args.probes)
 
 
@@ -142,6 +142,19 @@ def _times(study, out: pathlib.Path, results: list[dict]) -> str:
         else f"Wall time: unknown, {left_out}"
     )
     return f"{span}; sum of the runs' times: {times['runs'] / 3600:.2f} h."
+
+
+def _restored(results: list[dict]) -> list[str]:
+    """A header line per ledger that some of `results` were restored from (`--restore`)."""
+    sources: dict[str, int] = {}
+    for result in results:
+        if "restored_from" in result:
+            sources[result["restored_from"]] = sources.get(result["restored_from"], 0) + 1
+    return [
+        f"Restored: {count} of these {len(results)} runs from `{source}` (made where that file "
+        "was written; the summary reads their numbers from their records)."
+        for source, count in sources.items()
+    ]
 
 
 def _write(
@@ -212,6 +225,7 @@ def _interim(
             f"{study.protocol.seeds}) finished in every arm; {len(finished)} of {len(units)} runs done."
         ),
         f"The runs were made on the study's commit and machine; this summary on: {_machine(jobs)}.",
+        *_restored(results),
         _times(study, out, results),
     ]
     return _write(

@@ -287,6 +287,7 @@ def test_interim_summarises_only_the_seeds_every_arm_finished(tmp_path):
     assert "(2 seeds)" in curves(study, moved, there).to_dict()["data"][0]["name"]
     page = (moved / "interim.md").read_text()
     assert "29 of 65 runs done" in page and "restored without an end time" not in page
+    assert f"Restored: 26 of these 26 runs from `{ledger}`" in page
 
 
 def test_restore_takes_only_the_runs_missing_here_and_made_under_the_same_identity(tmp_path):
