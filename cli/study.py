@@ -49,7 +49,8 @@ class StudyArgs:
     """Print the plan and its estimated time; train nothing."""
     interim: bool = False
     """Train nothing: summarise the seeds that every arm has finished so far (while the study
-    runs in another process, say) into ``interim.md``, ``interim.html`` and ``interim.json``."""
+    runs in another process, say) into ``interim.md``, ``interim.html`` and ``interim.json``; with
+    ``--publish`` and no seed complete yet, only the ledger of the finished runs."""
     probes: bool = True
     """Give each run's linear probes of the class at the tables' block (computed once from its
     final checkpoint and cached beside it)."""
@@ -165,24 +166,12 @@ def _write(
     `finished` runs, default `results`), with the real digits' FID-classifier, the secondary
     FID-classifier against all digits (when the protocol's reference is another) and, with
     `probes`, each run's linear probes."""
-    from analysis.study import (
-        SECONDARY_REFERENCE,
-        ledger,
-        real_digits_fid,
-        summarize,
-        with_probes,
-        with_secondary_fid,
-        write_ledger,
-        write_results,
-    )
+    from analysis.study import SECONDARY_REFERENCE, real_digits_fid, summarize, write_results
 
-    runs = results if finished is None else finished
     real, secondary = real_digits_fid(out, study.protocol), None
     if study.protocol.reference != SECONDARY_REFERENCE:
-        runs = with_secondary_fid(study, out, runs)
         secondary = real_digits_fid(out, study.protocol, SECONDARY_REFERENCE)
-    if probes:
-        runs = with_probes(study, out, runs)
+    runs = _augmented(study, out, results if finished is None else finished, probes)
     chosen = {(r["arm"], r["seed"]) for r in results}
     results = [r for r in runs if (r["arm"], r["seed"]) in chosen]
     summary = summarize(study, results, real=real, secondary=secondary)
@@ -190,9 +179,25 @@ def _write(
     if publish is not None:
         stem = study.name if name == "results" else f"{study.name}-{name}"
         files += write_results(study, out, summary, results, header=header, name=stem, to=publish, plotly_beside=True)
-        files.append(write_ledger(publish / f"{study.name}-runs.jsonl", ledger(study, out, runs)))
+        files.append(_write_ledger(study, out, runs, publish))
     print("\n".join(str(f) for f in files))
     return summary
+
+
+def _augmented(study, out: pathlib.Path, runs: list[dict], probes: bool) -> list[dict]:
+    """`runs` with the secondary FID-classifier (when the protocol's reference is another) and,
+    with `probes`, the linear probes."""
+    from analysis.study import SECONDARY_REFERENCE, with_probes, with_secondary_fid
+
+    if study.protocol.reference != SECONDARY_REFERENCE:
+        runs = with_secondary_fid(study, out, runs)
+    return with_probes(study, out, runs) if probes else runs
+
+
+def _write_ledger(study, out: pathlib.Path, runs: list[dict], publish: pathlib.Path) -> pathlib.Path:
+    from analysis.study import ledger, write_ledger
+
+    return write_ledger(publish / f"{study.name}-runs.jsonl", ledger(study, out, runs))
 
 
 def _machine(jobs: int) -> str:
@@ -210,15 +215,20 @@ def _machine(jobs: int) -> str:
 def _interim(
     study, out: pathlib.Path, units: list, jobs: int, publish: pathlib.Path | None, probes: bool
 ) -> dict:
-    """The summary of the seeds every arm has finished (pairs are only complete within a seed)."""
+    """The summary of the seeds every arm has finished (pairs are only complete within a seed);
+    before there is one, with `publish`, only the ledger of the runs finished so far."""
     from analysis import AnalysisError
 
     unfinished = {seed for seed, _, result in units if result is None}
     seeds = sorted({seed for seed, _, _ in units} - unfinished)
-    if not seeds:
-        raise AnalysisError(f"{out}: no seed has finished in every arm yet: nothing to summarise")
-    results = [result for seed, _, result in units if seed in seeds]
     finished = [result for *_, result in units if result is not None]
+    if not seeds:
+        if publish is None or not finished:
+            raise AnalysisError(f"{out}: no seed has finished in every arm yet: nothing to summarise")
+        path = _write_ledger(study, out, _augmented(study, out, finished, probes), publish)
+        print(f"no seed has finished in every arm yet: wrote only the ledger of {len(finished)} run(s)\n{path}")
+        return {"ledger": str(path), "runs": len(finished)}
+    results = [result for seed, _, result in units if seed in seeds]
     header = [
         (
             f"**Interim**: seeds {', '.join(map(str, seeds))} ({len(seeds)} of "

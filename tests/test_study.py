@@ -228,6 +228,18 @@ def test_interim_summarises_only_the_seeds_every_arm_finished(tmp_path):
             rows = [{"step": step, "loss_diff": 1.0 / step + i, "loss_disp": -2.7 + seed, "lr": 1e-3}
                     for step in (10, 20, 30)]
             (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # Before any seed is complete, --publish still saves the finished runs' ledger.
+    import shutil
+
+    early = tmp_path / "early"
+    shutil.copytree(study.run_dir(tmp_path, study.baseline, 0), study.run_dir(early, study.baseline, 0))
+    with pytest.raises(SystemExit, match="no seed has finished in every arm yet"):
+        main(["table2", "--out", str(early), "--interim", "--jobs", "1", "--no-probes"])
+    saved = main(["table2", "--out", str(early), "--interim", "--jobs", "1", "--no-probes", "--publish", str(early)])
+    (record,) = [json.loads(line) for line in (early / "table2-runs.jsonl").read_text().splitlines()]
+    assert saved["runs"] == 1 and (record["arm"], record["seed"], record["fid"]) == ("baseline", 0, 90.0)
+    assert not (early / "interim.md").exists()
+
     published = tmp_path / "published"
     summary = main([
         "table2", "--out", str(tmp_path), "--interim", "--jobs", "1", "--publish", str(published),
