@@ -321,7 +321,7 @@ def test_restore_takes_only_the_runs_missing_here_and_made_under_the_same_identi
     here.mkdir(parents=True)
     (here / RESULT).write_text(json.dumps({**record(base, 0), "fid": 1.0}))  # finished here
     ledger = tmp_path / "table2-runs.jsonl"
-    lines = [record(base, 0), record(other, 0), record(base, 1), record(other, 1, steps=100)]
+    lines = [record(base, 0), record(other, 0), record(base, 1), record(other, 1, steps=1000)]
     ledger.write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert restore(study, tmp_path, ledger) == {"restored": 2, "present": 1, "skipped": 1}
     assert read_result(study, tmp_path, base, 0, cores=cores)["fid"] == 1.0  # not overwritten
@@ -339,9 +339,21 @@ def test_restore_takes_only_the_runs_missing_here_and_made_under_the_same_identi
 
     with pytest.raises(AnalysisError, match="not a study's ledger"):
         restore(study, tmp_path, tmp_path / "missing.jsonl")
-    ledger.write_text(json.dumps({**record(base, 2), "arm": "block-1"}) + "\n")
-    with pytest.raises(AnalysisError, match="arm 'block-1' is not in study 'table2'"):
+    ledger.write_text(json.dumps({**record(base, 2), "identity": {**record(base, 2)["identity"], "flags": ["--disp.nope", "1"]}}) + "\n")
+    with pytest.raises(AnalysisError, match="'--disp.nope 1' are not valid cli.train options"):
         restore(study, tmp_path, ledger)
+
+    # Another study takes the runs that compute the same: table3's baseline and block-1 (the
+    # default block of a depth-6 model) are table2's baseline and infonce-l2; hinge is none of
+    # table3's, and table2's seed 4 is beyond table3's 3 seeds.
+    table3 = STUDIES["table3"]
+    ledger.write_text("".join(json.dumps(record(a, s)) + "\n" for a in study.arms[:4] for s in (0, 4)))
+    moved = tmp_path / "table3"
+    assert restore(table3, moved, ledger) == {"restored": 2, "present": 0, "skipped": 6}
+    block1 = read_result(table3, moved, table3.arm("block-1"), 0, cores=cores)
+    assert block1["restored_arm"] == "infonce-l2" and block1["identity"]["flags"] == ["--disp.blocks", "1"]
+    assert read_result(table3, moved, table3.baseline, 0, cores=cores)["fid"] == 50.0
+    assert STUDIES["table4"].arm("tau-0.5-lambda-0.5") and restore(STUDIES["table4"], tmp_path / "t4", ledger)["restored"] == 2
 
 
 def _digits_uint8(count: int):

@@ -12,6 +12,7 @@ finished), a few kB where the run's directory holds megabytes of checkpoints and
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .._errors import AnalysisError
-from ._plan import Arm, Protocol, Study
+from ._plan import Arm, Protocol, Study, arm_config
 from ._report import curve_rows
 
 RESULT = "study-result.json"
@@ -362,21 +363,51 @@ def write_ledger(path: pathlib.Path, records: Sequence[dict]) -> pathlib.Path:
     return path
 
 
+def run_key(protocol: Protocol, arm: Arm, seed: int, cores: int) -> str:
+    """What a run computes, whatever its study or arm is called: its resolved `cli.train` config
+    (without its directory, the block choice as block indices) with the protocol's sampling,
+    evaluation and analysis settings, its seed and its cores per run. Runs with one key give the
+    same numbers: table3's ``block-1`` arm (``--disp.blocks 1``) is table2's ``infonce-l2``
+    (the default ``quarter`` block of a depth-6 model)."""
+    key = json.loads(_resolved(protocol, arm))
+    key["config"]["train"]["seed"] = seed  # the only setting a run's seed changes, out aside
+    return json.dumps({**key, "cores": cores}, sort_keys=True)
+
+
+@functools.lru_cache(maxsize=1024)
+def _resolved(protocol: Protocol, arm: Arm) -> str:
+    cfg = arm_config(protocol, arm, 0, pathlib.Path("run"))
+    config = dataclasses.asdict(cfg)
+    del config["train"]["out"]
+    config["disp"]["blocks"] = list(cfg.disp.block_indices(_depth(cfg)))
+    settings = {k: v for k, v in dataclasses.asdict(protocol).items() if k not in ("seeds", "preset")}
+    return json.dumps({"config": config, "protocol": settings}, sort_keys=True, default=str)
+
+
+def _record_key(record: dict) -> str:
+    identity = record["identity"]
+    arm = Arm(record["arm"], tuple(identity["flags"]), identity.get("preset"))
+    return run_key(Protocol(**identity["protocol"]), arm, identity["seed"], identity["cores"])
+
+
 def restore(study: Study, out: str | os.PathLike, source: str | os.PathLike, *, jobs: int = 1) -> dict:
     """Take into `out` the finished runs recorded in `source` that `out` has not finished, so that
     a study moved to another machine trains only the runs it lacks and summarises all of them.
 
     `source` is a ledger (`write_ledger`: ``<study>-runs.jsonl``, which ``cli.study --publish``
-    writes) or a published summary (``<study>.json``, whose ``runs`` it reads). Each record is
-    written as its run's result, marked with ``restored_from``; records made under another
-    protocol, flags or cores per run than `jobs` parallel runs get here are skipped (a run's
-    identity, see `run_study`). Restored runs have no checkpoints or samples here: the summary
-    reads their FIDs, probes and curves from the records.
+    writes) or a published summary (``<study>.json``, whose ``runs`` it reads), of this study or
+    of another: a record is taken as every run of `study` that computes the same thing (its
+    `run_key`: config, protocol settings, seed and cores per run), so table3 and table4 take
+    table2's baseline and paper-default runs instead of repeating them. Each is written as that
+    run's result, marked ``restored_from`` (and ``restored_arm`` when its arm was named
+    otherwise). Restored runs have no checkpoints or samples here: the summary reads their
+    FIDs, probes and curves from the records.
 
-    Returns the counts ``restored``, ``present`` (already finished in `out`) and ``skipped``.
+    Returns the counts ``restored``, ``present`` (already finished in `out`) and ``skipped``
+    (records of no run of `study` with `jobs` parallel runs here).
 
-    **Raises:** `AnalysisError` for a missing or unreadable `source`, or a record of an arm that
-    is not in `study`.
+    **Raises:** `AnalysisError` for a missing or unreadable `source`, or a record whose flags
+    `cli.train` rejects.
     """
     out, source = pathlib.Path(out).absolute(), pathlib.Path(source)
     try:
@@ -390,17 +421,25 @@ def restore(study: Study, out: str | os.PathLike, source: str | os.PathLike, *, 
             f"--restore {source}: not a study's ledger (.jsonl) or published summary (.json): {error}"
         ) from None
     cores = cores_per_run(jobs)
+    runs: dict[str, list[tuple[Arm, int]]] = {}
+    for seed in range(study.protocol.seeds):
+        for arm in study.arms:
+            runs.setdefault(run_key(study.protocol, arm, seed, cores), []).append((arm, seed))
     counts = {"restored": 0, "present": 0, "skipped": 0}
     for record in records:
-        arm, seed = study.arm(record["arm"]), record["seed"]
-        if record.get("identity") != _identity(study, arm, seed, cores):
-            counts["skipped"] += 1
-        elif read_result(study, out, arm, seed, cores=cores) is not None:
-            counts["present"] += 1
-        else:
+        matches = runs.get(_record_key(record), [])
+        counts["skipped"] += not matches
+        for arm, seed in matches:
+            if read_result(study, out, arm, seed, cores=cores) is not None:
+                counts["present"] += 1
+                continue
+            result = {**record, "arm": arm.name, "identity": _identity(study, arm, seed, cores)}
+            result["restored_from"] = str(source)
+            if arm.name != record["arm"]:
+                result["restored_arm"] = record["arm"]
             run_dir = study.run_dir(out, arm, seed)
             run_dir.mkdir(parents=True, exist_ok=True)
-            _write_json(run_dir / RESULT, {**record, "restored_from": str(source)})
+            _write_json(run_dir / RESULT, result)
             counts["restored"] += 1
     return counts
 
