@@ -62,8 +62,9 @@ class StudyArgs:
     restore: str | None = None
     """First take into ``--out`` the finished runs recorded in this ledger (``<study>-runs.jsonl``)
     or published summary (``<study>.json``) that it lacks, e.g. on a new machine:
-    ``--restore analysis/results/table2-runs.jsonl``. Runs made under another protocol or core
-    count per run are skipped."""
+    ``--restore analysis/results/table2-runs.jsonl``. A record counts for every run of this study
+    that computes the same (config, protocol settings, seed, cores per run), so table3 and table4
+    take table2's baseline and default-recipe runs; the others are skipped."""
 
 
 def _commit() -> str:
@@ -105,7 +106,8 @@ def _main(argv: list[str] | None) -> dict:
         counts = restore(study, out, args.restore, jobs=jobs)
         print(
             f"restored from {args.restore}: {counts['restored']} run(s); {counts['present']} already "
-            f"here; {counts['skipped']} made under another protocol or core count, skipped"
+            f"here; {counts['skipped']} skipped (no run of this study: another config, seed or "
+            "core count)"
         )
     units = plan(study, out, jobs=jobs)
     left = sum(1 for _, _, r in units if r is None)
