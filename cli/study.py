@@ -149,15 +149,25 @@ def _times(study, out: pathlib.Path, results: list[dict]) -> str:
 
 def _restored(results: list[dict]) -> list[str]:
     """A header line per ledger that some of `results` were restored from (`--restore`)."""
-    sources: dict[str, int] = {}
+    sources: dict[str, list[dict]] = {}
     for result in results:
         if "restored_from" in result:
-            sources[result["restored_from"]] = sources.get(result["restored_from"], 0) + 1
-    return [
-        f"Restored: {count} of these {len(results)} runs from `{source}` (made where that file "
-        "was written; the summary reads their numbers from their records)."
-        for source, count in sources.items()
-    ]
+            sources.setdefault(result["restored_from"], []).append(result)
+    lines = []
+    for source, restored in sources.items():
+        other = [r for r in restored if "made_as" in r]
+        made_as = sorted({f"{r['made_as']['arm']} as {r['arm']}" for r in other})
+        lines.append(
+            f"Restored: {len(restored)} of these {len(results)} runs from `{source}` (made where that "
+            "file was written; the summary reads their numbers from their records)"
+            + (
+                f"; {len(other)} of them are another study's identical runs ({', '.join(made_as)}), "
+                "not counted in the wall time"
+                if other else ""
+            )
+            + "."
+        )
+    return lines
 
 
 def _write(

@@ -304,7 +304,15 @@ def test_interim_summarises_only_the_seeds_every_arm_finished(tmp_path):
 
 def test_restore_takes_only_the_runs_missing_here_and_made_under_the_same_identity(tmp_path):
     from analysis import AnalysisError
-    from analysis.study import STUDIES, cores_per_run, read_result, restore, with_probes, with_secondary_fid
+    from analysis.study import (
+        STUDIES,
+        cores_per_run,
+        read_result,
+        restore,
+        wall_time,
+        with_probes,
+        with_secondary_fid,
+    )
     from analysis.study._run import RESULT, _identity
 
     study = STUDIES["table2"]
@@ -351,7 +359,9 @@ def test_restore_takes_only_the_runs_missing_here_and_made_under_the_same_identi
     moved = tmp_path / "table3"
     assert restore(table3, moved, ledger) == {"restored": 2, "present": 0, "skipped": 6}
     block1 = read_result(table3, moved, table3.arm("block-1"), 0, cores=cores)
-    assert block1["restored_arm"] == "infonce-l2" and block1["identity"]["flags"] == ["--disp.blocks", "1"]
+    assert block1["made_as"] == {"arm": "infonce-l2", "identity": record(other, 0)["identity"]}
+    assert block1["identity"]["flags"] == ["--disp.blocks", "1"]
+    assert wall_time(table3, moved, [{**block1, "finished": 1e9}])["untimed"] == 1  # table2's time
     assert read_result(table3, moved, table3.baseline, 0, cores=cores)["fid"] == 50.0
     assert STUDIES["table4"].arm("tau-0.5-lambda-0.5") and restore(STUDIES["table4"], tmp_path / "t4", ledger)["restored"] == 2
 

@@ -218,7 +218,7 @@ def with_secondary_fid(
     for result in results:
         run_dir = _result_dir(study, out, result)
         samples = run_dir / "samples.npz"
-        if _restored(result, samples, "fid_secondary") and reference == SECONDARY_REFERENCE:
+        if reference == SECONDARY_REFERENCE and _restored(result, samples, "fid_secondary"):
             augmented.append(result)
             continue
         stat = samples.stat()
@@ -301,7 +301,9 @@ def real_digits_fid(out: pathlib.Path, protocol: Protocol, reference: str | None
 def finished_at(study: Study, out: pathlib.Path, result: dict) -> float | None:
     """When the run of `result` finished (seconds since the epoch): its record's ``finished``, else
     its result file's modification time; None for a run restored from a record without one (its
-    file's time is that of the restore)."""
+    file's time is that of the restore) or made as another study's run."""
+    if "made_as" in result:  # another study's (or arm's) run: not this study's time
+        return None
     if "finished" in result:
         return result["finished"]
     if "restored_from" in result:
@@ -315,7 +317,8 @@ def wall_time(study: Study, out: pathlib.Path, results: Sequence[dict]) -> dict:
     progress: the study's wall time, without the pauses between invocations), ``first`` and
     ``last`` (the UTC times of the first start and of the last end), ``runs`` (the sum of the
     runs' own times) and ``untimed`` (runs restored without an end time, left out of ``busy``,
-    ``first`` and ``last``). A run that was killed and resumed counts only its last invocation."""
+    ``first`` and ``last``, as are runs made as another study's). A run that was killed and
+    resumed counts only its last invocation."""
     import datetime
 
     ends = [(finished_at(study, out, result), result["seconds"]) for result in results]
@@ -399,8 +402,8 @@ def restore(study: Study, out: str | os.PathLike, source: str | os.PathLike, *, 
     of another: a record is taken as every run of `study` that computes the same thing (its
     `run_key`: config, protocol settings, seed and cores per run), so table3 and table4 take
     table2's baseline and paper-default runs instead of repeating them. Each is written as that
-    run's result, marked ``restored_from`` (and ``restored_arm`` when its arm was named
-    otherwise). Restored runs have no checkpoints or samples here: the summary reads their
+    run's result, marked ``restored_from`` (and ``made_as``, the arm and identity it was made
+    under, when those differ: it then does not count in this study's wall time). Restored runs have no checkpoints or samples here: the summary reads their
     FIDs, probes and curves from the records.
 
     Returns the counts ``restored``, ``present`` (already finished in `out`) and ``skipped``
@@ -435,8 +438,8 @@ def restore(study: Study, out: str | os.PathLike, source: str | os.PathLike, *, 
                 continue
             result = {**record, "arm": arm.name, "identity": _identity(study, arm, seed, cores)}
             result["restored_from"] = str(source)
-            if arm.name != record["arm"]:
-                result["restored_arm"] = record["arm"]
+            if result["identity"] != record["identity"]:
+                result["made_as"] = record.get("made_as", {"arm": record["arm"], "identity": record["identity"]})
             run_dir = study.run_dir(out, arm, seed)
             run_dir.mkdir(parents=True, exist_ok=True)
             _write_json(run_dir / RESULT, result)
