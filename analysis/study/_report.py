@@ -301,13 +301,17 @@ def curve_rows(rows: Sequence[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if keep(k)} for row in rows]
 
 
+def metrics_rows(run_dir: pathlib.Path) -> list[dict]:
+    """The rows of the run's ``metrics.jsonl`` (none when it has none)."""
+    file = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in file.read_text().splitlines()] if file.is_file() else []
+
+
 def _run_metrics(study: Study, out: pathlib.Path, result: dict) -> list[dict]:
     """The run's metrics rows: its ``metrics.jsonl``, else (a run restored from a ledger) those its
     record carries."""
-    file = study.run_dir(out, study.arm(result["arm"]), result["seed"]) / "metrics.jsonl"
-    if file.is_file():
-        return [json.loads(line) for line in file.read_text().splitlines()]
-    return result.get("metrics", [])
+    run_dir = study.run_dir(out, study.arm(result["arm"]), result["seed"])
+    return metrics_rows(run_dir) or result.get("metrics", [])
 
 
 def curves(

@@ -25,7 +25,7 @@ import numpy as np
 
 from .._errors import AnalysisError
 from ._plan import Arm, Protocol, Study, arm_config
-from ._report import curve_rows
+from ._report import curve_rows, metrics_rows
 
 RESULT = "study-result.json"
 _DIAGNOSTIC_PREFIXES = ("disp_gap", "grad_norm_disp", "grad_norm_diff", "grad_cos")
@@ -51,10 +51,15 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _write_json(path: pathlib.Path, value: dict) -> None:
+def _write_text(path: pathlib.Path, text: str) -> None:
+    """`text` into `path` atomically: a reader sees the old file or the new one, never a part."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _write_json(path: pathlib.Path, value: dict) -> None:
+    _write_text(path, json.dumps(value, indent=2) + "\n")
 
 
 def read_result(
@@ -68,11 +73,6 @@ def read_result(
     result = json.loads(file.read_text())
     identity = _identity(study, arm, seed, _cores() if cores is None else cores)
     return result if result.get("identity") == identity else None
-
-
-def _metrics_rows(run_dir: pathlib.Path) -> list[dict]:
-    file = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in file.read_text().splitlines()] if file.is_file() else []
 
 
 def _diagnostics(rows: list[dict]) -> dict[str, float]:
@@ -136,7 +136,7 @@ def _one_run(study: Study, out: pathlib.Path, arm: Arm, seed: int) -> dict:
             batch_size=batch, seed=0, progress=False,
         )
     fid = evaluate(samples, protocol.reference, features="classifier")
-    rows = _metrics_rows(run_dir)
+    rows = metrics_rows(run_dir)
     return {
         "identity": _identity(study, arm, seed, _cores()),
         "arm": arm.name,
@@ -351,7 +351,7 @@ def ledger(study: Study, out: pathlib.Path, results: Sequence[dict]) -> list[dic
         if end is not None:
             record["finished"] = end
         if "metrics" not in record:
-            record["metrics"] = curve_rows(_metrics_rows(_result_dir(study, out, result)))
+            record["metrics"] = curve_rows(metrics_rows(_result_dir(study, out, result)))
         records.append(record)
     return records
 
@@ -360,9 +360,7 @@ def write_ledger(path: pathlib.Path, records: Sequence[dict]) -> pathlib.Path:
     """`records` (from `ledger`) into `path`, one JSON object per line (in order, so that a ledger
     kept in git changes by lines)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-    os.replace(tmp, path)
+    _write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     return path
 
 
