@@ -161,7 +161,8 @@ def _restored(results: list[dict]) -> list[str]:
             f"Restored: {len(restored)} of these {len(results)} runs from `{source}` (made where that "
             "file was written; the summary reads their numbers from their records)"
             + (
-                f"; {len(other)} of them are another study's identical runs ({', '.join(made_as)}), "
+                f"; {len(other)} of them {'is' if len(other) == 1 else 'are'} another study's identical "
+                f"run{'s' * (len(other) > 1)} ({', '.join(made_as)}), "
                 "not counted in the wall time"
                 if other else ""
             )
@@ -243,7 +244,7 @@ def _interim(
     results = [result for seed, _, result in units if seed in seeds]
     header = [
         (
-            f"**Interim**: seeds {', '.join(map(str, seeds))} ({len(seeds)} of "
+            f"**Interim**: seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))} ({len(seeds)} of "
             f"{study.protocol.seeds}) finished in every arm; {len(finished)} of {len(units)} runs done."
         ),
         f"The runs were made on the study's commit and machine; this summary on: {_machine(jobs)}.",

@@ -115,8 +115,17 @@ def _delta(row: dict, prefix: str) -> str:
     diff = row.get(f"{prefix}_diff")
     if not diff:
         return "—"
+    low, high = _fmt(diff["low"]), _fmt(diff["high"])
+    if not low:  # one seed: no interval
+        return f"{diff['mean']:+.3f}"
     star = " *" if diff["low"] > 0 or diff["high"] < 0 else ""
-    return f"{diff['mean']:+.3f} [{_fmt(diff['low'])}, {_fmt(diff['high'])}]{star}"
+    return f"{diff['mean']:+.3f} [{low}, {high}]{star}"
+
+
+def _spread(row: dict, prefix: str) -> str:
+    """Mean ± std over seeds (the mean alone for one seed)."""
+    mean, std = _fmt(row[f"{prefix}_mean"]), _fmt(row[f"{prefix}_std"])
+    return f"{mean} ± {std}" if std else mean
 
 
 def _relative(row: dict, prefix: str) -> str:
@@ -166,7 +175,7 @@ def markdown(summary: dict, *, header: Sequence[str] = ()) -> str:
     ]
     for row in summary["arms"]:
         lines.append(
-            f"| {row['arm']} | {row['seeds']} | {_fmt(row['fid_mean'])} ± {_fmt(row['fid_std'])} | "
+            f"| {row['arm']} | {row['seeds']} | {_spread(row, 'fid')} | "
             f"{_delta(row, 'fid')} | {_relative(row, 'fid')} | {_fmt(row['precision_mean'])} | "
             f"{_fmt(row['recall_mean'])} | {_fmt(row['norm_token_mean'])} | "
             f"{_fmt(row['effective_rank_mean'], 2)} |"
@@ -194,7 +203,7 @@ def markdown(summary: dict, *, header: Sequence[str] = ()) -> str:
         ]
         for row in summary["arms"]:
             lines.append(
-                f"| {row['arm']} | {row['seeds']} | {_fmt(row['fid2_mean'])} ± {_fmt(row['fid2_std'])} | "
+                f"| {row['arm']} | {row['seeds']} | {_spread(row, 'fid2')} | "
                 f"{_delta(row, 'fid2')} | {_relative(row, 'fid2')} |"
             )
     lines += ["", "`*`: the interval excludes 0. Lower FID is better."]
