@@ -188,10 +188,10 @@ def _write(
     chosen = {(r["arm"], r["seed"]) for r in results}
     results = [r for r in runs if (r["arm"], r["seed"]) in chosen]
     summary = summarize(study, results, real=real, secondary=secondary)
-    files = write_results(study, out, summary, results, header=header, name=name)
+    stem = study.name if name == "results" else f"{study.name}-{name}"
+    copy = None if publish is None else (publish, stem)
+    files = write_results(study, out, summary, results, header=header, name=name, publish=copy)
     if publish is not None:
-        stem = study.name if name == "results" else f"{study.name}-{name}"
-        files += write_results(study, out, summary, results, header=header, name=stem, to=publish, plotly_beside=True)
         files.append(_write_ledger(study, out, runs, publish))
     print("\n".join(str(f) for f in files))
     return summary

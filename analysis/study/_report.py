@@ -365,31 +365,37 @@ def write_results(
     *,
     header: Sequence[str] = (),
     name: str = "results",
-    to: pathlib.Path | None = None,
-    plotly_beside: bool = False,
+    publish: tuple[pathlib.Path, str] | None = None,
 ) -> list[pathlib.Path]:
-    """``{name}.json`` (summary + every run), ``{name}.md`` and ``{name}.html`` of the study whose
-    runs are in `out`, written into `to` (default: `out`). The page is self-contained unless
-    `plotly_beside`: then it loads ``plotly.min.js`` from its own directory (written there when
-    missing), so that several pages kept together (``analysis/results``) share one copy."""
-    to = out if to is None else to
-    to.mkdir(parents=True, exist_ok=True)
-    files = [to / f"{name}.json", to / f"{name}.md", to / f"{name}.html"]
-    files[0].write_text(json.dumps({**summary, "runs": list(results)}, indent=2) + "\n")
+    """``{name}.json`` (summary + every run), ``{name}.md`` and a self-contained ``{name}.html``
+    of the study whose runs are in `out`, written into `out`; with ``publish = (directory,
+    name)`` also a copy there whose page loads ``plotly.min.js`` from its own directory (written
+    there when missing), so that several pages kept together (``analysis/results``) share one
+    copy. The figures are built once for both."""
     page = markdown(summary, header=header)
-    files[1].write_text(page)
-    body = [f"<pre>{html.escape(page)}</pre>"]
     figures = [figure(study, results)]
     if summary.get("secondary"):
         reference = summary["secondary"]["reference"]
         figures.append(figure(study, results, "fid_secondary", f"FID-classifier vs {reference}"))
     figures += [curves(study, out, results, key) for key in CURVES]
-    if plotly_beside and not (to / "plotly.min.js").is_file():
-        import plotly.offline
 
-        (to / "plotly.min.js").write_text(plotly.offline.get_plotlyjs())
-    for i, fig in enumerate(figures):
+    def write(to: pathlib.Path, name: str, plotly_beside: bool) -> list[pathlib.Path]:
+        to.mkdir(parents=True, exist_ok=True)
+        files = [to / f"{name}.json", to / f"{name}.md", to / f"{name}.html"]
+        files[0].write_text(json.dumps({**summary, "runs": list(results)}, indent=2) + "\n")
+        files[1].write_text(page)
+        if plotly_beside and not (to / "plotly.min.js").is_file():
+            import plotly.offline
+
+            (to / "plotly.min.js").write_text(plotly.offline.get_plotlyjs())
         embed = "directory" if plotly_beside else True
-        body.append(fig.to_html(full_html=False, include_plotlyjs=embed if i == 0 else False))
-    files[2].write_text(f"<html><head><meta charset='utf-8'><title>{study.name}</title></head><body>{''.join(body)}</body></html>")
-    return files
+        body = [f"<pre>{html.escape(page)}</pre>"] + [
+            fig.to_html(full_html=False, include_plotlyjs=embed if i == 0 else False)
+            for i, fig in enumerate(figures)
+        ]
+        files[2].write_text(
+            f"<html><head><meta charset='utf-8'><title>{study.name}</title></head><body>{''.join(body)}</body></html>"
+        )
+        return files
+
+    return write(out, name, False) + (write(*publish, True) if publish is not None else [])
