@@ -239,6 +239,14 @@ def test_interim_summarises_only_the_seeds_every_arm_finished(tmp_path):
     (record,) = [json.loads(line) for line in (early / "table2-runs.jsonl").read_text().splitlines()]
     assert saved["runs"] == 1 and (record["arm"], record["seed"], record["fid"]) == ("baseline", 0, 90.0)
     assert not (early / "interim.md").exists()
+    # One complete seed: each cell holds the mean alone (no spread, no interval).
+    one = tmp_path / "one"
+    for arm in study.arms:
+        shutil.copytree(study.run_dir(tmp_path, arm, 0), study.run_dir(one, arm, 0))
+    main(["table2", "--out", str(one), "--interim", "--jobs", "1", "--no-probes"])
+    page = (one / "interim.md").read_text()
+    assert "**Interim**: seed 0 (1 of 5) finished in every arm; 13 of 65 runs done." in page
+    assert "| infonce-l2 | 1 | 91.000 | +1.000 | +1.1% | 0.800 |" in page
 
     published = tmp_path / "published"
     summary = main([
