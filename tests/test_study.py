@@ -93,6 +93,45 @@ def test_the_dry_run_estimate_times_a_short_run_of_the_baseline(tmp_path):
     assert 65 * 1500 * 0.001 < seconds < 65 * 3600  # more than 1 ms a step, less than 1 h a run
 
 
+def test_the_dry_run_estimates_each_model_family_from_its_own_runs(tmp_path, monkeypatch):
+    import importlib
+    from analysis.study import STUDIES, cores_per_run, estimate_seconds
+    from analysis.study._run import RESULT, _identity
+
+    families = STUDIES["families"]  # SiT-T/2, UNet-T and MF-T/2 arms (2 each), 3 seeds
+    probed, unet_speed = [], {"images_per_second": 1000.0}
+
+    def timed(cfg):  # stands in for the 20 timed training steps
+        probed.append(cfg.model.name)
+        fast = not cfg.model.name.startswith("UNet")
+        return {"images_per_second": 1000.0 if fast else unet_speed["images_per_second"], "compile_seconds": 0.0}
+
+    monkeypatch.setattr(importlib.import_module("eqdisp.train"), "train", timed)  # the package exports train() too
+
+    def estimate(speed: float) -> float:
+        probed.clear()
+        unet_speed["images_per_second"] = speed
+        return estimate_seconds(families, tmp_path)
+
+    same, slow = estimate(1000.0), estimate(100.0)
+    assert sorted(probed) == ["MF-T/2", "SiT-T/2", "UNet-T"]  # one probe per preset
+    assert slow > same * 1.5  # the UNet-T runs are estimated from UNet-T's own speed
+    # Every UNet-T run finished in 50 s: those are done, and its speed no longer matters.
+    for seed in range(3):
+        for arm in families.arms[2:4]:
+            run_dir = families.run_dir(tmp_path, arm, seed)
+            run_dir.mkdir(parents=True)
+            (run_dir / RESULT).write_text(json.dumps({
+                "identity": _identity(families, arm, seed, cores_per_run(1)), "arm": arm.name,
+                "seed": seed, "fid": 1.0, "seconds": 50.0,
+            }))
+    rest = estimate(100.0)
+    assert sorted(probed) == ["MF-T/2", "SiT-T/2"] and rest == estimate(1000.0) < same
+    # A UNet-T run left is estimated from the finished ones (50 s), not probed.
+    (families.run_dir(tmp_path, families.arms[2], 0) / RESULT).unlink()
+    assert estimate(100.0) == pytest.approx(rest + 50.0) and "UNet-T" not in probed
+
+
 WORKER = [sys.executable, str(REPO / "tests" / "study_worker.py")]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 

@@ -466,24 +466,38 @@ def plan(
 
 
 def estimate_seconds(study: Study, out: pathlib.Path, *, jobs: int = 1) -> float:
-    """Wall seconds the unfinished runs will take with `jobs` runs at a time: the mean of the
-    finished ones, else a short timed training run of the baseline (20 steps, on all cores)
-    scaled to the protocol, plus sampling at the cost of as many network evaluations (a train
-    step costs about three); with ``jobs > 1`` each run is then assumed to take `jobs` times as
-    long on its share of the cores (pessimistic: on 2 cores two sit-tiny runs at a time were
-    1.2-1.4x faster than one after the other)."""
-    units = plan(study, out, jobs=jobs)
-    done = [r["seconds"] for _, _, r in units if r is not None]
-    left = sum(1 for _, _, r in units if r is None)
-    if done:
-        return left * float(np.mean(done)) / jobs
+    """Wall seconds the unfinished runs will take with `jobs` runs at a time.
+
+    Runs are estimated by the preset they start from, since a study may mix model families
+    (``families``: SiT-T/2, UNet-T, MF-T/2): from the mean time of that preset's finished runs,
+    else from a short timed training run of its first arm (20 steps, on all cores) scaled to the
+    protocol, plus sampling at the cost of as many network evaluations (a train step costs about
+    three). With ``jobs > 1`` each run is assumed to take `jobs` times as long on its share of
+    the cores (pessimistic: on 2 cores two sit-tiny runs at a time were 1.2-1.4x faster than one
+    after the other)."""
+    by_preset: dict[str, list[tuple[Arm, dict | None]]] = {}
+    for _, arm, result in plan(study, out, jobs=jobs):
+        by_preset.setdefault(arm.preset or study.protocol.preset, []).append((arm, result))
+    seconds = 0.0
+    for units in by_preset.values():
+        done = [result["seconds"] for _, result in units if result is not None]
+        left = sum(1 for _, result in units if result is None)
+        if not left:
+            continue
+        per_run = float(np.mean(done)) / jobs if done else _probe_seconds(study, units[0][0])
+        seconds += left * per_run
+    return seconds
+
+
+def _probe_seconds(study: Study, arm: Arm) -> float:
+    """Seconds one run of `arm` takes on all cores, from 20 timed training steps."""
     import tempfile
 
     from eqdisp import make_objective
     from eqdisp.train import train
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = study.config(study.baseline, 0, pathlib.Path(tmp))
+        cfg = study.config(arm, 0, pathlib.Path(tmp))
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=20))
         with contextlib.redirect_stdout(open(os.devnull, "w")):
             summary = train(cfg)
@@ -493,13 +507,12 @@ def estimate_seconds(study: Study, out: pathlib.Path, *, jobs: int = 1) -> float
         sampler = dataclasses.replace(sampler, steps=study.protocol.sampler_steps)
     nfe = make_objective(cfg).sampler_evaluations(sampler) or 100
     per_image_eval = step_seconds / cfg.train.batch_size / 3
-    per_run = (
+    return (
         study.protocol.steps * step_seconds
         + study.protocol.samples * nfe * per_image_eval
         + 2 * summary["compile_seconds"]
         + 15  # evaluation and analysis
     )
-    return left * per_run
 
 
 def _release_compiled_programs() -> None:
