@@ -17,7 +17,8 @@ The public API is re-exported here; the modules behind it are:
 - ``eqdisp.vae``: the SD-VAE (diffusers ``AutoencoderKL``) that maps images to latents and back.
 - ``eqdisp.latents``: image folders to latent shards (``cli.prepare``) and decoding of samples.
 - ``eqdisp.convert``: released PyTorch SiT/DiT/REPA/Dispersive-Loss checkpoints to eqdisp.
-- ``eqdisp.io``: torch-free readers of ``.pth``/``.pt``/``.bin``, ``.safetensors`` and ``.npz``.
+- ``eqdisp.io``: torch-free readers of ``.pth``/``.pt``/``.bin``, ``.safetensors`` and ``.npz``;
+  the atomic file writer.
 """
 
 from .config import (

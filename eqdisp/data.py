@@ -71,6 +71,7 @@ from jaxtyping import Float, Int, UInt8
 from PIL import Image
 
 from .config import DataConfig
+from .io import atomic_path
 
 LATENT_SCALE = 0.18215
 """SD-VAE latent scale factor (DiT/SiT/REPA; no shift)."""
@@ -472,11 +473,8 @@ def write_latent_shard(
         raise DataError(
             f"write_latent_shard({path}): {len(labels)} labels for a different number of records"
         )
-    path = pathlib.Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, labels=labels, **arrays)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from .data import (
     to_unit_range,
     write_latent_shard,
 )
+from .io import write_text_atomically
 
 MANIFEST = "manifest.json"
 _FORMAT = "eqdisp-latents"
@@ -134,9 +135,7 @@ def read_manifest(path: str | os.PathLike) -> LatentManifest | None:
 
 def _write_manifest(directory: pathlib.Path, manifest: LatentManifest) -> None:
     text = json.dumps({"format": _FORMAT, "version": _VERSION, **dataclasses.asdict(manifest)}, indent=2)
-    tmp = directory / (MANIFEST + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, directory / MANIFEST)
+    write_text_atomically(directory / MANIFEST, text)
 
 
 def vae_fingerprint(path: str | os.PathLike) -> str:

@@ -1,5 +1,6 @@
 """Tests of eqdisp.io: torch-free, lazy, inert readers of .pth/.pt/.bin (zip and legacy),
-.safetensors and .npz weight files. PyTorch files are written without torch by `torchfiles`."""
+.safetensors and .npz weight files, and its atomic writer. PyTorch files are written without
+torch by `torchfiles`."""
 
 import argparse
 import collections
@@ -411,6 +412,27 @@ def test_safetensors_and_npz(tmp_path):
     renamed = tmp_path / "weights.pth"  # the format is told by content, not by suffix
     os.replace(npz, renamed)
     assert list(read_state_dict(renamed)) == list(arrays)
+
+
+def test_atomic_writes_leave_the_old_file_or_the_new_one(tmp_path):
+    """A write that fails part way keeps the file as it was and leaves no temporary behind; a
+    write that finishes replaces it whole. Every report, manifest, shard and ledger goes this way."""
+    from eqdisp.io import atomic_path, write_text_atomically
+
+    path = tmp_path / "report.json"
+    write_text_atomically(path, "old ünïcode\n")
+    assert path.read_text(encoding="utf-8") == "old ünïcode\n"
+    with pytest.raises(RuntimeError, match="killed"):
+        with atomic_path(path) as tmp:
+            assert tmp.parent == path.parent and tmp.name.startswith(".") and str(os.getpid()) in tmp.name
+            tmp.write_text("half of the new")
+            raise RuntimeError("killed mid-write")
+    assert path.read_text(encoding="utf-8") == "old ünïcode\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, x=np.arange(3))
+    np.testing.assert_array_equal(np.load(path)["x"], np.arange(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
 
 
 def test_missing_unreadable_and_unknown_files_are_one_line_errors(tmp_path):

@@ -97,7 +97,11 @@ class Study:
         )
 
     def run_dir(self, out: pathlib.Path, arm: Arm, seed: int) -> pathlib.Path:
-        return out / arm.name / f"seed-{seed}"
+        return pathlib.Path(out) / arm.name / f"seed-{seed}"
+
+    def result_dir(self, out: pathlib.Path, result: dict) -> pathlib.Path:
+        """The directory of the run that `result` (one run's record) came from."""
+        return self.run_dir(out, self.arm(result["arm"]), result["seed"])
 
     def config(self, arm: Arm, seed: int, out: pathlib.Path) -> ExperimentConfig:
         """The `cli.train` config of one run of the study."""

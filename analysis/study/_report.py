@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import numpy as np
 import plotly.graph_objects as go
 
+from eqdisp.io import write_text_atomically
+
 from ._plan import Study
 from ._stats import mean_std, paired_interval
 
@@ -319,8 +321,7 @@ def metrics_rows(run_dir: pathlib.Path) -> list[dict]:
 def _run_metrics(study: Study, out: pathlib.Path, result: dict) -> list[dict]:
     """The run's metrics rows: its ``metrics.jsonl``, else (a run restored from a ledger) those its
     record carries."""
-    run_dir = study.run_dir(out, study.arm(result["arm"]), result["seed"])
-    return metrics_rows(run_dir) or result.get("metrics", [])
+    return metrics_rows(study.result_dir(out, result)) or result.get("metrics", [])
 
 
 def curves(
@@ -382,18 +383,19 @@ def write_results(
     def write(to: pathlib.Path, name: str, plotly_beside: bool) -> list[pathlib.Path]:
         to.mkdir(parents=True, exist_ok=True)
         files = [to / f"{name}.json", to / f"{name}.md", to / f"{name}.html"]
-        files[0].write_text(json.dumps({**summary, "runs": list(results)}, indent=2) + "\n")
-        files[1].write_text(page)
+        write_text_atomically(files[0], json.dumps({**summary, "runs": list(results)}, indent=2) + "\n")
+        write_text_atomically(files[1], page)
         if plotly_beside and not (to / "plotly.min.js").is_file():
             import plotly.offline
 
-            (to / "plotly.min.js").write_text(plotly.offline.get_plotlyjs())
+            write_text_atomically(to / "plotly.min.js", plotly.offline.get_plotlyjs())
         embed = "directory" if plotly_beside else True
         body = [f"<pre>{html.escape(page)}</pre>"] + [
             fig.to_html(full_html=False, include_plotlyjs=embed if i == 0 else False)
             for i, fig in enumerate(figures)
         ]
-        files[2].write_text(
+        write_text_atomically(
+            files[2],
             f"<html><head><meta charset='utf-8'><title>{study.name}</title></head><body>{''.join(body)}</body></html>"
         )
         return files

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from eqdisp.io import write_text_atomically
+
 from .._errors import AnalysisError
 from ._plan import Arm, Protocol, Study, arm_config
 from ._report import curve_rows, metrics_rows
@@ -51,15 +53,8 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _write_text(path: pathlib.Path, text: str) -> None:
-    """`text` into `path` atomically: a reader sees the old file or the new one, never a part."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _write_json(path: pathlib.Path, value: dict) -> None:
-    _write_text(path, json.dumps(value, indent=2) + "\n")
+    write_text_atomically(path, json.dumps(value, indent=2) + "\n")
 
 
 def read_result(
@@ -170,11 +165,6 @@ pre-registered held-out reference to be dominated by its own noise (see `real_di
 is reported beside the primary number, never instead of it."""
 
 
-def _result_dir(study: Study, out: pathlib.Path, result: dict) -> pathlib.Path:
-    """The directory of the run that `result` came from."""
-    return study.run_dir(pathlib.Path(out), study.arm(result["arm"]), result["seed"])
-
-
 def _cached(file: pathlib.Path, stamp: dict, compute, *args):
     """``compute(*args)``, kept in `file` beside the `stamp` it holds for; recomputed when the stamp
     differs. The stamp is compared as JSON gives it back (tuples become lists)."""
@@ -216,7 +206,7 @@ def with_secondary_fid(
 
     augmented = []
     for result in results:
-        run_dir = _result_dir(study, out, result)
+        run_dir = study.result_dir(out, result)
         samples = run_dir / "samples.npz"
         if reference == SECONDARY_REFERENCE and _restored(result, samples, "fid_secondary"):
             augmented.append(result)
@@ -250,7 +240,7 @@ def with_probes(study: Study, out: pathlib.Path, results: Sequence[dict]) -> lis
 
     augmented = []
     for result in results:
-        run_dir = _result_dir(study, out, result)
+        run_dir = study.result_dir(out, result)
         if _restored(result, run_dir / "checkpoints", "probe"):
             augmented.append(result)
             continue
@@ -308,7 +298,7 @@ def finished_at(study: Study, out: pathlib.Path, result: dict) -> float | None:
         return result["finished"]
     if "restored_from" in result:
         return None
-    return (_result_dir(study, out, result) / RESULT).stat().st_mtime
+    return (study.result_dir(out, result) / RESULT).stat().st_mtime
 
 
 def wall_time(study: Study, out: pathlib.Path, results: Sequence[dict]) -> dict:
@@ -351,7 +341,7 @@ def ledger(study: Study, out: pathlib.Path, results: Sequence[dict]) -> list[dic
         if end is not None:
             record["finished"] = end
         if "metrics" not in record:
-            record["metrics"] = curve_rows(metrics_rows(_result_dir(study, out, result)))
+            record["metrics"] = curve_rows(metrics_rows(study.result_dir(out, result)))
         records.append(record)
     return records
 
@@ -360,7 +350,7 @@ def write_ledger(path: pathlib.Path, records: Sequence[dict]) -> pathlib.Path:
     """`records` (from `ledger`) into `path`, one JSON object per line (in order, so that a ledger
     kept in git changes by lines)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    write_text_atomically(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     return path
 
 

@@ -24,7 +24,6 @@ comparable with any FID-Inception in the literature.
 
 import hashlib
 import json
-import os
 import pathlib
 
 import equinox as eqx
@@ -35,6 +34,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray, UInt8
 
+from ..io import atomic_path
 from ._features import Features, cache_dir
 from ._npz import EvalError
 
@@ -165,9 +165,8 @@ def load_digits_classifier(*, cache: bool = True) -> DigitsClassifier:
     model = train_digits_classifier()
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        eqx.tree_serialise_leaves(tmp, model)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            eqx.tree_serialise_leaves(tmp, model)
     return model
 
 

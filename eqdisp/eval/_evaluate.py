@@ -18,10 +18,12 @@ from jaxtyping import Float
 
 from ..data import iter_image_folder, load_digits
 from ..images import to_uint8
+from ..io import write_text_atomically
 from ._classifier import DIGITS_TRAIN_SIZE, digits_feature_extractor
 from ._features import FeatureExtractor, InceptionFeatureExtractor, cache_dir, extract
 from ._metrics import FeatureStats, inception_score, precision_recall
 from ._npz import EvalError, iter_npz, npz_info, npz_keys, read_npz, write_npz
+
 
 def resolve_extractor(features: "str | FeatureExtractor", *, inception_weights: str | None = None):
     """``"classifier"`` (the bundled-digits classifier), ``"inception"`` (`InceptionFeatureExtractor`
@@ -246,10 +248,7 @@ def format_report(result: dict) -> str:
 
 def write_report(result: dict, path: str | os.PathLike) -> None:
     """Write `evaluate`'s result as JSON (atomically)."""
-    path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(result, indent=2) + "\n")
 
 
 __all__ = [

@@ -8,13 +8,14 @@ members both work; written files are stored uncompressed, like ``np.savez``, and
 temporary file renamed into place).
 """
 
-import contextlib
 import os
 import pathlib
 import zipfile
 from collections.abc import Iterator
 
 import numpy as np
+
+from ..io import atomic_path
 
 
 class EvalError(Exception):
@@ -106,16 +107,6 @@ def read_npz(path: str | os.PathLike, key: str) -> np.ndarray:
     return chunks[0].copy() if chunks else np.zeros(shape, npz_info(path, key)[1])
 
 
-@contextlib.contextmanager
-def _atomic(path: pathlib.Path):
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_npz(
     path: str | os.PathLike,
     members: dict[str, object],
@@ -131,7 +122,7 @@ def write_npz(
     **Raises:** `EvalError` when the chunks do not match the declared shape or dtype.
     """
     path = pathlib.Path(path)
-    with _atomic(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
         for name, value in members.items():
             if not isinstance(value, tuple):
                 value = np.asarray(value)

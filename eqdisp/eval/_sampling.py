@@ -37,8 +37,9 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .._config_json import config_to_dict
 from ..config import SamplerConfig
-from ..images import save_grid, to_uint8
 from ..families import make_objective
+from ..images import save_grid, to_uint8
+from ..io import write_text_atomically
 from ..objective import AbstractObjective
 from ..sharding import batch_sharding, make_mesh, replicated
 from ._npz import EvalError, iter_npz, write_npz
@@ -242,9 +243,7 @@ def generate(
                 )
     elif writer:
         partial.mkdir(parents=True, exist_ok=True)
-        tmp = partial / f".{_STATE}.tmp"
-        tmp.write_text(json.dumps(identity, indent=2))
-        os.replace(tmp, state_file)
+        write_text_atomically(state_file, json.dumps(identity, indent=2))
 
     batches = -(-num // batch_size)
 

@@ -28,10 +28,11 @@ from jaxtyping import PyTree
 
 from ..config import ConfigError, ExperimentConfig, ModelConfig
 from ..data import make_dataset
+from ..families import make_objective
 from ..images import save_grid
+from ..io import write_text_atomically
 from ..latents import latent_decoder, run_vae
 from ..models import make_model, resolve_dtype
-from ..families import make_objective
 from ..sharding import global_batch, initialize_distributed, make_mesh, shard_state
 from ._checkpoint import Checkpointer, CheckpointError, _one_line, config_to_dict, load_checkpoint
 from ._step import TrainState, init_train_state, make_diagnostics, make_optimizer, make_train_step
@@ -129,12 +130,6 @@ class _Progress:
             self.log.close()
 
 
-def _write_atomically(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _trim_metrics(path: pathlib.Path, step: int) -> None:
     """Drop the rows after `step` (written by the run that resumes from there) and torn lines."""
     if not path.is_file():
@@ -146,7 +141,7 @@ def _trim_metrics(path: pathlib.Path, step: int) -> None:
                 kept.append(line)
         except (ValueError, KeyError, TypeError):
             pass  # a line cut short by a kill
-    _write_atomically(path, "".join(f"{line}\n" for line in kept))
+    write_text_atomically(path, "".join(f"{line}\n" for line in kept))
 
 
 def _check_resumable(saved: ExperimentConfig, cfg: ExperimentConfig, where: pathlib.Path) -> None:
@@ -480,7 +475,7 @@ def train(cfg: ExperimentConfig) -> dict:
             if start_step:
                 print(f"resuming {out} from step {start_step}", flush=True)
             else:
-                _write_atomically(out / "config.json", json.dumps(config_to_dict(cfg), indent=2))
+                write_text_atomically(out / "config.json", json.dumps(config_to_dict(cfg), indent=2))
             _trim_metrics(out / "metrics.jsonl", start_step)
         checkpointer = Checkpointer(directory, keep=run.keep)
         step_fn = make_train_step(
@@ -613,5 +608,5 @@ def train(cfg: ExperimentConfig) -> dict:
     if interrupted is not None:
         summary["stopped_by"] = signal.Signals(interrupted).name
     if main_process:
-        _write_atomically(out / "summary.json", json.dumps(summary, indent=2))
+        write_text_atomically(out / "summary.json", json.dumps(summary, indent=2))
     return summary
