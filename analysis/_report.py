@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 import plotly.graph_objects as go
 
+from eqdisp.io import atomic_path, write_text_atomically
+
 from ._collect import Options, RunMetrics, analyze_dynamics, analyze_runs, run_name
 from ._errors import AnalysisError
 from ._figures import (
@@ -154,7 +156,7 @@ def write_html(
     for i, fig in enumerate(figs):
         parts.append(fig.to_html(full_html=False, include_plotlyjs=i == 0))
     parts.append("</body></html>\n")
-    path.write_text("\n".join(parts), encoding="utf-8")
+    write_text_atomically(path, "\n".join(parts))
     return path
 
 
@@ -218,7 +220,7 @@ def _long_rows(results: Sequence[RunMetrics]) -> list[dict]:
 
 def _write_csv(path: pathlib.Path, rows: Sequence[dict]) -> pathlib.Path:
     fields = list(dict.fromkeys(k for row in rows for k in row))
-    with path.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
@@ -259,7 +261,7 @@ def _intro(options: Options, results: Sequence[RunMetrics], elapsed: float | Non
 
 
 def _dump_json(path: pathlib.Path, payload: dict) -> pathlib.Path:
-    path.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    write_text_atomically(path, json.dumps(payload, indent=1) + "\n")
     return path
 
 

@@ -8,12 +8,12 @@ a file, ``--json -`` prints the JSON instead of the summary.
 
 import dataclasses
 import json
-import pathlib
 from typing import Literal
 
 import tyro
 
 from eqdisp.config import AttentionImpl, Bf16Mode, BlockImpl, ConfigError, DispConfig, Remat
+from eqdisp.io import write_text_atomically
 from eqdisp.vae import VAEConfig
 
 
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     text = json.dumps(figures, indent=2)
     print(text if command.json == "-" else format_figures(figures))
     if command.json not in (None, "-"):
-        pathlib.Path(command.json).write_text(text + "\n")
+        write_text_atomically(command.json, text + "\n")
     return figures
 
 

@@ -55,7 +55,7 @@ from .config import (
     SamplerConfig,
     TransportConfig,
 )
-from .io import WeightsError
+from .io import WeightsError, write_text_atomically
 from .models import (
     DiffusionTransformer,
     make_model,
@@ -834,7 +834,7 @@ def convert_checkpoint(
         "steps": ckpt.steps,
         "dispersive": ckpt.dispersive,
     }
-    (out_run / CONVERSION_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomically(out_run / CONVERSION_FILE, json.dumps(report, indent=2) + "\n")
     return out_run
 
 

@@ -5,6 +5,8 @@ import pathlib
 import numpy as np
 from jaxtyping import Float, UInt8
 
+from .io import atomic_path
+
 
 def to_uint8(images: Float[np.ndarray, "batch c h w"]) -> UInt8[np.ndarray, "batch h w c"]:
     """Map [-1, 1] channels-first images to uint8 NHWC as DiT/SiT do: trunc(clip(127.5 x + 128))."""
@@ -39,4 +41,5 @@ def save_grid(
         row, col = divmod(index, columns)
         top, left = padding + row * (height + padding), padding + col * (width + padding)
         grid[top : top + height, left : left + width] = image
-    Image.fromarray(grid).save(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(grid).save(tmp, format="PNG")

@@ -1,9 +1,11 @@
 """Files written whole or not at all.
 
-Every file eqdisp writes that a later step reads back (reports, manifests, shards, sampling state,
-study ledgers and pages) goes through `atomic_path`: it is written under a temporary name beside
-its destination and renamed over it in one `os.replace`, so a reader, a crash or a SIGTERM sees the
-old file or the new one, never a part. Orbax checkpoints have their own protocol
+Every file eqdisp and its tools write in one piece (configs and summaries, latent shards and their
+manifest, sampling state, sample grids, evaluation, analysis and benchmark reports, study results,
+ledgers and pages) goes through `atomic_path`: it is written under a temporary name beside its
+destination and renamed over it in one `os.replace`, so a reader, a crash or a SIGTERM sees the old
+file or the new one, never a part. Two kinds do not: ``metrics.jsonl`` is appended a line at a time
+(a resumed run drops a torn last line), and Orbax checkpoints have their own protocol
 (`eqdisp.train._checkpoint`).
 """
 
