@@ -65,6 +65,10 @@ class Protocol:
             if getattr(self, name) < 1:
                 raise AnalysisError(f"{name}={getattr(self, name)} is not allowed: expected >= 1")
 
+    def preset_of(self, arm: Arm) -> str:
+        """The `cli.train` preset `arm` starts from: its own, else the protocol's."""
+        return self.preset if arm.preset is None else arm.preset
+
 
 @dataclasses.dataclass(frozen=True)
 class Study:
@@ -112,7 +116,7 @@ def arm_config(protocol: Protocol, arm: Arm, seed: int, out: pathlib.Path) -> Ex
     """Parse the arm's flags as `cli.train` would, under the protocol's fixed settings."""
     import tyro
 
-    preset = protocol.preset if arm.preset is None else arm.preset
+    preset = protocol.preset_of(arm)
     flags = [
         preset,
         # float32 unless an arm says otherwise, so that results do not depend on the CPU's

@@ -467,7 +467,7 @@ def estimate_seconds(study: Study, out: pathlib.Path, *, jobs: int = 1) -> float
     after the other)."""
     by_preset: dict[str, list[tuple[Arm, dict | None]]] = {}
     for _, arm, result in plan(study, out, jobs=jobs):
-        by_preset.setdefault(arm.preset or study.protocol.preset, []).append((arm, result))
+        by_preset.setdefault(study.protocol.preset_of(arm), []).append((arm, result))
     seconds = 0.0
     for units in by_preset.values():
         done = [result["seconds"] for _, result in units if result is not None]
